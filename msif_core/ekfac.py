@@ -1,0 +1,401 @@
+"""EK-FAC factors: fit, merge, save, load, and precondition (SPEC section 3).
+
+Fitting has two streaming passes, each a sum that can be computed per shard and merged:
+
+1. covariance pass: ``A = mean_t a aᵀ`` per module and ``S = mean_t ds dsᵀ`` per block;
+   then ``Q_A``, ``Q_S`` from ``torch.linalg.eigh`` in float64 (:func:`eigenbasis`);
+2. Λ pass: ``Λ = mean_n (Q_Sᵀ DW_n Q_A)²`` over sequences n, with ``DW_n = Σ_t ds_t a_tᵀ``.
+
+Per module, the stored factors are ``Q_A`` [d, d], ``Q_S`` [blocks, p, p] and ``Λ`` [blocks, p, d]:
+d² + Σ p² + d·P numbers. Damping is added only when preconditioning, never into ``Λ``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .data import Encoded, iter_batches
+from .gradients import analysed_grads_only, forward_backward
+from .models import ModuleSpec, fingerprint
+
+log = logging.getLogger(__name__)
+
+FACTORS_FORMAT = "msif-ekfac-1"
+
+
+@dataclass
+class FitSettings:
+    """How EK-FAC factors are fitted."""
+
+    fisher: str = field(default="true", metadata={"help": "'true' samples targets from the model; "
+                                                          "'empirical' uses the data's tokens."})
+    max_examples: int = field(default=100_000, metadata={"help": "Cap on sequences used in each pass."})
+    batch_size: int = field(default=8, metadata={"help": "Sequences per forward/backward pass."})
+    seed: int = field(default=0, metadata={"help": "Seed of the true-Fisher target sampling."})
+    shard: int = field(default=0, metadata={"help": "Shard index, mixed into the seed per shard."})
+
+    def generator(self, pass_id: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A seeded generator for one pass of one shard."""
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed * 1_000_003 + self.shard * 7919 + pass_id)
+        return g
+
+
+def _pad(model: nn.Module, pad_id: int | None) -> int:
+    if pad_id is not None:
+        return pad_id
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg, "pad_token_id", None) or 0)
+
+
+def _limit(encoded: Encoded, cap: int) -> Encoded:
+    return encoded if len(encoded) <= cap else encoded.subset(range(cap))
+
+
+class _Progress:
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total, self.done, self.tokens = what, total, 0, 0
+        self.t0 = self.last = time.perf_counter()
+
+    def step(self, n: int, tokens: int) -> None:
+        self.done += n
+        self.tokens += tokens
+        now = time.perf_counter()
+        if now - self.last > 10 or self.done == self.total:
+            rate = self.tokens / max(now - self.t0, 1e-9)
+            log.info("%s: %d/%d sequences, %.0f tokens/s", self.what, self.done, self.total, rate)
+            self.last = now
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+@dataclass
+class CovarianceSums:
+    """Unnormalised covariance sums of one pass over some data (mergeable across shards)."""
+
+    a: dict[str, torch.Tensor]  # [d, d]
+    s: dict[str, torch.Tensor]  # [blocks, p, p]
+    tokens: int = 0
+    sequences: int = 0
+
+    def merge(self, other: CovarianceSums) -> CovarianceSums:
+        """Sum of two partial results."""
+        return CovarianceSums({k: v + other.a[k] for k, v in self.a.items()},
+                              {k: v + other.s[k] for k, v in self.s.items()},
+                              self.tokens + other.tokens, self.sequences + other.sequences)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically as safetensors."""
+        t = {f"a/{k}": v for k, v in self.a.items()} | {f"s/{k}": v for k, v in self.s.items()}
+        _atomic_safetensors(t, path, {"tokens": str(self.tokens), "sequences": str(self.sequences)})
+
+    @staticmethod
+    def load(path: str | Path) -> CovarianceSums:
+        """Read what ``save`` wrote."""
+        t, meta = _read_safetensors(path)
+        return CovarianceSums({k[2:]: v for k, v in t.items() if k.startswith("a/")},
+                              {k[2:]: v for k, v in t.items() if k.startswith("s/")},
+                              int(meta["tokens"]), int(meta["sequences"]))
+
+
+@dataclass
+class LambdaSums:
+    """Unnormalised sums of squared rotated per-sequence gradients (mergeable across shards)."""
+
+    lam: dict[str, torch.Tensor]  # [blocks, p, d]
+    sequences: int = 0
+
+    def merge(self, other: LambdaSums) -> LambdaSums:
+        """Sum of two partial results."""
+        return LambdaSums({k: v + other.lam[k] for k, v in self.lam.items()}, self.sequences + other.sequences)
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically as safetensors."""
+        _atomic_safetensors(self.lam, path, {"sequences": str(self.sequences)})
+
+    @staticmethod
+    def load(path: str | Path) -> LambdaSums:
+        """Read what ``save`` wrote."""
+        t, meta = _read_safetensors(path)
+        return LambdaSums(t, int(meta["sequences"]))
+
+
+@dataclass
+class Eigenbasis:
+    """Eigenvectors of the covariances: ``q_a`` [d, d] per module, ``q_s`` [blocks, p, p] per module."""
+
+    q_a: dict[str, torch.Tensor]
+    q_s: dict[str, torch.Tensor]
+    tokens: int = 0
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically as safetensors."""
+        t = {f"q_a/{k}": v for k, v in self.q_a.items()} | {f"q_s/{k}": v for k, v in self.q_s.items()}
+        _atomic_safetensors(t, path, {"tokens": str(self.tokens)})
+
+    @staticmethod
+    def load(path: str | Path) -> Eigenbasis:
+        """Read what ``save`` wrote."""
+        t, meta = _read_safetensors(path)
+        return Eigenbasis({k[4:]: v for k, v in t.items() if k.startswith("q_a/")},
+                          {k[4:]: v for k, v in t.items() if k.startswith("q_s/")}, int(meta["tokens"]))
+
+
+def covariance_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded,
+                    settings: FitSettings, pad_id: int | None = None) -> CovarianceSums:
+    """First pass: Σ_t a aᵀ per module and Σ_t ds dsᵀ per block over non-padding tokens."""
+    if len(encoded) == 0:
+        raise ValueError("cannot fit EK-FAC factors on an empty data set")
+    encoded = _limit(encoded, settings.max_examples)
+    dev = next(model.parameters()).device
+    acc = torch.float64
+    a_sum = {s.name: torch.zeros(s.d, s.d, dtype=acc, device=dev) for s in specs}
+    s_sum = {s.name: torch.zeros(s.n_blocks, s.p, s.p, dtype=acc, device=dev) for s in specs}
+    gen = settings.generator(1, dev)
+    prog = _Progress("EK-FAC covariance pass", len(encoded))
+    tokens = 0
+    with analysed_grads_only(model, specs):
+        for batch in iter_batches(encoded, settings.batch_size, _pad(model, pad_id)):
+            batch = batch.to(dev)
+            cap = forward_backward(model, specs, batch, settings.fisher, gen)
+            keep = batch.attention_mask.bool()
+            n = int(keep.sum())
+            tokens += n
+            for s in specs:
+                a = cap.a[s.name][keep]  # [N, d]
+                ds = cap.ds[s.name][keep].view(n, s.n_blocks, s.p)
+                a_sum[s.name] += (a.t() @ a).to(acc)
+                s_sum[s.name] += torch.einsum("nbp,nbq->bpq", ds, ds).to(acc)
+            prog.step(len(batch.index), n)
+    return CovarianceSums(a_sum, s_sum, tokens, len(encoded))
+
+
+def eigenbasis(sums: CovarianceSums) -> Eigenbasis:
+    """Eigenvectors of the mean covariances (float64 ``eigh``); names a block with non-finite values."""
+    if sums.tokens == 0:
+        raise ValueError("covariance sums hold no tokens")
+    q_a, q_s = {}, {}
+    for name, a in sums.a.items():
+        a = a / sums.tokens
+        s = sums.s[name] / sums.tokens
+        for what, m in (("activation covariance A", a), ("gradient covariance S", s)):
+            if not torch.isfinite(m).all():
+                raise FloatingPointError(
+                    f"non-finite {what} in module {name}; the model's activations or gradients overflow: "
+                    f"use float32/float64 instead of half precision, or check the checkpoint")
+        q_a[name] = torch.linalg.eigh(a.double())[1]
+        q_s[name] = torch.linalg.eigh(s.double())[1]
+    return Eigenbasis(q_a, q_s, sums.tokens)
+
+
+def lambda_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, basis: Eigenbasis,
+                settings: FitSettings, pad_id: int | None = None) -> LambdaSums:
+    """Second pass: Σ_n (Q_Sᵀ DW_n Q_A)² per block, n over sequences."""
+    if len(encoded) == 0:
+        raise ValueError("cannot fit EK-FAC factors on an empty data set")
+    encoded = _limit(encoded, settings.max_examples)
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    lam = {s.name: torch.zeros(s.n_blocks, s.p, s.d, dtype=torch.float64, device=dev) for s in specs}
+    qa = {s.name: basis.q_a[s.name].to(dev, dtype) for s in specs}
+    qs = {s.name: basis.q_s[s.name].to(dev, dtype) for s in specs}
+    gen = settings.generator(2, dev)
+    prog = _Progress("EK-FAC eigenvalue pass", len(encoded))
+    with analysed_grads_only(model, specs):
+        for batch in iter_batches(encoded, settings.batch_size, _pad(model, pad_id)):
+            batch = batch.to(dev)
+            cap = forward_backward(model, specs, batch, settings.fisher, gen)
+            for s in specs:
+                b, t = cap.a[s.name].shape[:2]
+                a_rot = cap.a[s.name] @ qa[s.name]  # [B, T, d]
+                ds = cap.ds[s.name].view(b, t, s.n_blocks, s.p)
+                ds_rot = torch.einsum("btnp,npq->btnq", ds, qs[s.name])
+                g = torch.einsum("btnq,btd->bnqd", ds_rot, a_rot)  # rotated per-sequence gradients
+                lam[s.name] += (g * g).sum(0).to(torch.float64)
+            prog.step(len(batch.index), batch.n_tokens)
+    return LambdaSums(lam, len(encoded))
+
+
+@dataclass
+class Factors:
+    """Fitted EK-FAC factors of one model, with the manifest that says what they belong to."""
+
+    specs: dict[str, ModuleSpec]
+    q_a: dict[str, torch.Tensor]
+    q_s: dict[str, torch.Tensor]
+    lam: dict[str, torch.Tensor]
+    manifest: dict
+
+    def damping_for(self, name: str, damping: float | str) -> torch.Tensor:
+        """Per-block damping: a number (absolute) or ``"relative:c"`` = c × mean(Λ) of each block."""
+        lam = self.lam[name]
+        if isinstance(damping, str):
+            if not damping.startswith("relative:"):
+                raise ValueError(f"damping must be a number or 'relative:<c>', got {damping!r}")
+            c = float(damping.split(":", 1)[1])
+            return c * lam.mean(dim=(1, 2))
+        return torch.full((lam.shape[0],), float(damping), dtype=lam.dtype, device=lam.device)
+
+    def precondition(self, name: str, v: torch.Tensor, damping: float | str) -> torch.Tensor:
+        """iHVP ``Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ`` of gradients ``v`` [..., P, d] of module ``name``."""
+        s = self.specs[name]
+        lead = v.shape[:-2]
+        x = v.reshape(-1, s.n_blocks, s.p, s.d).to(self.lam[name].dtype)
+        qa, qs, lam = self.q_a[name], self.q_s[name], self.lam[name]
+        lam_d = lam + self.damping_for(name, damping)[:, None, None]  # a new tensor: Λ is unchanged
+        rot = torch.einsum("npq,mnpd,de->mnqe", qs, x, qa)
+        rot = rot / lam_d
+        back = torch.einsum("npq,mnqe,de->mnpd", qs, rot, qa)
+        return back.reshape(*lead, s.out_features, s.d).to(v.dtype)
+
+    def check_finite(self) -> None:
+        """Raise naming the first module with non-finite or negative Λ."""
+        for name, lam in self.lam.items():
+            if not torch.isfinite(lam).all():
+                raise FloatingPointError(f"non-finite eigenvalues Λ in module {name}")
+            if (lam < 0).any():
+                raise FloatingPointError(f"negative eigenvalues Λ in module {name}")
+
+    def n_floats(self) -> int:
+        """Stored numbers: Σ over modules of d² + Σ p² + d·P."""
+        return sum(self.q_a[n].numel() + self.q_s[n].numel() + self.lam[n].numel() for n in self.specs)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``factors.safetensors`` and ``manifest.json`` into ``directory`` atomically."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            tensors = {}
+            for n in self.specs:
+                tensors[f"q_a/{n}"] = self.q_a[n]
+                tensors[f"q_s/{n}"] = self.q_s[n]
+                tensors[f"lam/{n}"] = self.lam[n]
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / "factors.safetensors"))
+            manifest = dict(self.manifest)
+            manifest["format"] = FACTORS_FORMAT
+            manifest["modules"] = [s.to_json() for s in self.specs.values()]
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            _replace_dir(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @staticmethod
+    def load(directory: str | Path, expect_fingerprint: str | None = None,
+             device: str | torch.device = "cpu") -> Factors:
+        """Read factors; with ``expect_fingerprint``, refuse factors fitted on another model."""
+        directory = Path(directory)
+        mpath, fpath = directory / "manifest.json", directory / "factors.safetensors"
+        if not mpath.exists() or not fpath.exists():
+            raise FileNotFoundError(f"{directory} holds no EK-FAC factors (manifest.json + factors.safetensors); "
+                                    f"fit them first")
+        manifest = json.loads(mpath.read_text())
+        if manifest.get("format") != FACTORS_FORMAT:
+            raise ValueError(f"{mpath}: unknown factors format {manifest.get('format')!r}")
+        if expect_fingerprint is not None and manifest.get("fingerprint") != expect_fingerprint:
+            raise ValueError(
+                f"factors in {directory} were fitted on another model (fingerprint "
+                f"{manifest.get('fingerprint')}, this model is {expect_fingerprint}); refit them")
+        t = load_file(str(fpath), device=str(device))
+        specs = {d["name"]: ModuleSpec.from_json(d) for d in manifest["modules"]}
+        return Factors(specs, {n: t[f"q_a/{n}"] for n in specs}, {n: t[f"q_s/{n}"] for n in specs},
+                       {n: t[f"lam/{n}"] for n in specs}, manifest)
+
+
+def finalize(model: nn.Module, specs: list[ModuleSpec], basis: Eigenbasis, lam: LambdaSums,
+             settings: FitSettings, extra: dict | None = None) -> Factors:
+    """Assemble factors and their manifest from an eigenbasis and Λ sums."""
+    if lam.sequences == 0:
+        raise ValueError("Λ sums hold no sequences")
+    import transformers
+
+    manifest = {
+        "fingerprint": fingerprint(model, specs),
+        "model_class": type(model).__name__,
+        "tokens": basis.tokens,
+        "sequences": lam.sequences,
+        "settings": asdict(settings),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    } | (extra or {})
+    f = Factors({s.name: s for s in specs}, dict(basis.q_a), dict(basis.q_s),
+                {n: v / lam.sequences for n, v in lam.lam.items()}, manifest)
+    f.check_finite()
+    return f
+
+
+def fit_ekfac(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, settings: FitSettings | None = None,
+              pad_id: int | None = None) -> Factors:
+    """Fit EK-FAC factors of ``model`` on ``encoded`` (both passes) and return them."""
+    settings = settings or FitSettings()
+    t0 = time.perf_counter()
+    sums = covariance_sums(model, specs, encoded, settings, pad_id)
+    basis = eigenbasis(sums)
+    lam = lambda_sums(model, specs, encoded, basis, settings, pad_id)
+    f = finalize(model, specs, basis, lam, settings,
+                 {"fit_seconds": round(time.perf_counter() - t0, 3), "truncated": encoded.n_truncated})
+    log.info("fitted EK-FAC on %d sequences / %d tokens in %.1fs", lam.sequences, basis.tokens,
+             time.perf_counter() - t0)
+    return f
+
+
+def merge_all(parts: Iterable):
+    """Merge a non-empty iterable of ``CovarianceSums`` or ``LambdaSums``."""
+    it = iter(parts)
+    total = next(it)
+    for p in it:
+        total = total.merge(p)
+    return total
+
+
+# ---------------------------------------------------------------- atomic files
+
+def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, meta: dict[str, str]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        return {k: f.get_tensor(k) for k in f.keys()}, meta
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move a finished temporary directory into place, replacing an older one."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old.{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)

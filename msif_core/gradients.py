@@ -1,0 +1,130 @@
+"""Gradients: one forward and backward pass that yields, per analysed module, the inputs ``a_t`` and
+the output gradients ``ds_t`` of every token, and the losses/measurements they come from.
+
+The backward pass asks autograd for gradients with respect to the modules' *outputs* only, so weight
+gradients are never formed; a per-sequence weight gradient, when needed, is ``Σ_t ds_t a_tᵀ``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Batch
+from .models import ModuleSpec
+
+
+@dataclass
+class Captured:
+    """Per-module token activations (bias column appended, padding zeroed) and output gradients."""
+
+    a: dict[str, torch.Tensor]  # [B, T, d]
+    ds: dict[str, torch.Tensor]  # [B, T, P]
+    loss: torch.Tensor  # summed loss of the batch (detached)
+    per_sequence_loss: torch.Tensor  # [B]
+
+
+@contextmanager
+def _hooks(model: nn.Module, specs: list[ModuleSpec]) -> Iterator[tuple[dict, dict]]:
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for s in specs:
+        def hook(mod, args, out, name=s.name):
+            inputs[name] = args[0].detach()
+            outputs[name] = out
+        handles.append(model.get_submodule(s.name).register_forward_hook(hook))
+    try:
+        yield inputs, outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def analysed_grads_only(model: nn.Module, specs: list[ModuleSpec]) -> Iterator[None]:
+    """Within the block, only the analysed modules' parameters require grad (restored after)."""
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    keep = {s.name for s in specs}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.rsplit(".", 1)[0] in keep)
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+
+
+def token_losses(logits: torch.Tensor, batch: Batch, fisher: str = "empirical",
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sequence summed next-token cross-entropy over target tokens, shape [B].
+
+    The logits at position t predict token t+1. ``fisher="true"`` samples each target from the
+    model's own predictive distribution at that position (softmax of the logits at t), detached;
+    ``"empirical"`` uses the data's tokens.
+    """
+    pred = logits[:, :-1]
+    mask = batch.loss_mask[:, 1:]
+    if fisher == "true":
+        with torch.no_grad():
+            probs = torch.softmax(pred[mask].double(), dim=-1)
+            sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        target = batch.input_ids[:, 1:].clone()
+        target[mask] = sampled.to(target.device)
+    elif fisher == "empirical":
+        target = batch.input_ids[:, 1:]
+    else:
+        raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
+    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
+    return (ce.view(mask.shape) * mask).sum(dim=1)
+
+
+def label_losses(logits: torch.Tensor, batch: Batch, fisher: str = "empirical",
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sequence −log p(label | x) for a classification head, shape [B]."""
+    if batch.labels is None:
+        raise ValueError("a classification model needs labels in the batch")
+    target = batch.labels
+    if fisher == "true":
+        with torch.no_grad():
+            target = torch.multinomial(torch.softmax(logits.double(), -1), 1, generator=generator).squeeze(1)
+    return F.cross_entropy(logits, target.to(logits.device), reduction="none")
+
+
+def forward_backward(model: nn.Module, specs: list[ModuleSpec], batch: Batch, fisher: str = "empirical",
+                     generator: torch.Generator | None = None) -> Captured:
+    """Run ``model`` on ``batch`` and return per-token ``a`` and ``ds`` of each module in ``specs``.
+
+    ``ds`` is the gradient of the batch's summed loss; since sequences do not interact, its rows are
+    each sequence's own gradients. Padding positions get ``a = 0`` (and have ``ds = 0``).
+    """
+    with _hooks(model, specs) as (inputs, outputs):
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        logits = out.logits
+        if logits.dim() == 3:
+            per_seq = token_losses(logits, batch, fisher, generator)
+        else:
+            per_seq = label_losses(logits, batch, fisher, generator)
+        loss = per_seq.sum()
+        names = [s.name for s in specs]
+        grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
+    keep = batch.attention_mask.unsqueeze(-1).to(logits.dtype)
+    a: dict[str, torch.Tensor] = {}
+    ds: dict[str, torch.Tensor] = {}
+    for s, g in zip(specs, grads):
+        x = inputs[s.name]
+        if s.has_bias:
+            x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
+        a[s.name] = x * keep.to(x.dtype)
+        ds[s.name] = torch.zeros_like(outputs[s.name]) if g is None else g.detach()
+    return Captured(a, ds, loss.detach(), per_seq.detach())
+
+
+def sequence_gradients(cap: Captured, spec: ModuleSpec) -> torch.Tensor:
+    """Per-sequence weight gradient ``Σ_t ds_t a_tᵀ`` of one module, shape [B, P, d]."""
+    return torch.einsum("btp,btd->bpd", cap.ds[spec.name], cap.a[spec.name])

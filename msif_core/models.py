@@ -1,0 +1,319 @@
+"""Models and blocks: load local checkpoints and find the linear projections that influence analyses.
+
+A *module* is one linear projection inside a transformer block (``nn.Linear`` or GPT-2's ``Conv1D``).
+A *block* is the unit EK-FAC treats as independent: a contiguous range of the module's output
+features (rows). MLP projections and attention outputs are one block each; attention query/key/value
+projections are split into one block per (head, role) that all share the module's input covariance
+(SPEC section 2). The row ranges follow each architecture's real layout:
+
+- interleaved per head (GPT-NeoX, BLOOM ``query_key_value``): rows ``[h0: q k v | h1: q k v | ...]``;
+- role-major (GPT-2 ``c_attn``): rows ``[q: h0 h1 ... | k: ... | v: ...]``;
+- separate projections (Llama ``q_proj``/``k_proj``/``v_proj``, k and v possibly with fewer heads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ATTENTION_BLOCKS = ("per_head", "fused")
+MODULE_SETS = ("all", "mlp")
+
+
+@dataclass(frozen=True)
+class Block:
+    """One EK-FAC block: output rows ``[row_start, row_stop)`` of module ``module_name``."""
+
+    name: str
+    module_name: str
+    kind: str  # "mlp" or "mha"
+    role: str  # q, k, v, qkv, o, in, out, gate, up, down, or a user tag
+    head: int | None
+    row_start: int
+    row_stop: int
+
+    @property
+    def p(self) -> int:
+        """Number of output features (rows) in this block."""
+        return self.row_stop - self.row_start
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """An analysed linear module and the equal-sized contiguous blocks its output rows split into."""
+
+    name: str
+    kind: str
+    layout: str  # "linear" (weight out x in) or "conv1d" (weight in x out, GPT-2)
+    in_features: int
+    out_features: int
+    has_bias: bool
+    blocks: tuple[Block, ...]
+
+    @property
+    def d(self) -> int:
+        """Input dimension including the bias column."""
+        return self.in_features + int(self.has_bias)
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of blocks the output rows are split into."""
+        return len(self.blocks)
+
+    @property
+    def p(self) -> int:
+        """Rows per block (all blocks of a module have the same size)."""
+        return self.out_features // self.n_blocks
+
+    def shape_key(self) -> tuple:
+        """What must agree between two models for their factors/gradients to be combined."""
+        return (self.layout, self.in_features, self.out_features, self.has_bias, self.n_blocks)
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable description (for manifests)."""
+        d = asdict(self)
+        d["blocks"] = [asdict(b) for b in self.blocks]
+        return d
+
+    @staticmethod
+    def from_json(d: dict) -> ModuleSpec:
+        """Inverse of ``to_json``."""
+        blocks = tuple(Block(**b) for b in d["blocks"])
+        return ModuleSpec(**{**d, "blocks": blocks})
+
+
+# (suffix of the module name) -> (kind, role, qkv layout)
+_KNOWN: dict[str, tuple[str, str, str]] = {
+    # GPT-NeoX (Pythia, dolly)
+    "attention.query_key_value": ("mha", "qkv", "interleaved"),
+    "attention.dense": ("mha", "o", ""),
+    "mlp.dense_h_to_4h": ("mlp", "in", ""),
+    "mlp.dense_4h_to_h": ("mlp", "out", ""),
+    # BLOOM
+    "self_attention.query_key_value": ("mha", "qkv", "interleaved"),
+    "self_attention.dense": ("mha", "o", ""),
+    # GPT-2
+    "attn.c_attn": ("mha", "qkv", "role_major"),
+    "attn.c_proj": ("mha", "o", ""),
+    "mlp.c_fc": ("mlp", "in", ""),
+    "mlp.c_proj": ("mlp", "out", ""),
+    # Llama, Mistral, Qwen2 and friends
+    "self_attn.q_proj": ("mha", "q", "separate"),
+    "self_attn.k_proj": ("mha", "k", "separate"),
+    "self_attn.v_proj": ("mha", "v", "separate"),
+    "self_attn.o_proj": ("mha", "o", ""),
+    "mlp.gate_proj": ("mlp", "gate", ""),
+    "mlp.up_proj": ("mlp", "up", ""),
+    "mlp.down_proj": ("mlp", "down", ""),
+}
+
+
+def _layout_of(module: nn.Module) -> tuple[str, int, int]:
+    if isinstance(module, nn.Linear):
+        return "linear", module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 Conv1D
+        w = module.weight
+        return "conv1d", int(w.shape[0]), int(w.shape[1])
+    raise TypeError(f"module of type {type(module).__name__} is not a linear projection")
+
+
+def _heads(config) -> tuple[int, int, int]:
+    """(query heads, key/value heads, head size) from a transformers config."""
+    n_heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    if n_heads is None:
+        raise ValueError(f"cannot find the number of attention heads in {type(config).__name__}")
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    head_size = getattr(config, "head_dim", None) or hidden // n_heads
+    return int(n_heads), int(n_kv), int(head_size)
+
+
+def _split(name: str, kind: str, role: str, layout: str, out_features: int, config,
+           attention_blocks: str) -> tuple[Block, ...]:
+    """The blocks of one module, labelled by (head, role) per the architecture's layout."""
+    whole = (Block(name, name, kind, role, None, 0, out_features),)
+    if kind != "mha" or role not in ("qkv", "q", "k", "v") or attention_blocks == "fused":
+        return whole
+    n_heads, n_kv, hs = _heads(config)
+    blocks: list[Block] = []
+    if layout == "interleaved":  # [h0: q k v | h1: q k v | ...]
+        if out_features != 3 * n_heads * hs:
+            raise ValueError(f"{name}: {out_features} outputs, expected 3 x {n_heads} heads x {hs}")
+        for h in range(n_heads):
+            for r, rn in enumerate("qkv"):
+                s = (3 * h + r) * hs
+                blocks.append(Block(f"{name}[h{h}.{rn}]", name, kind, rn, h, s, s + hs))
+    elif layout == "role_major":  # [q: h0 h1 ... | k: ... | v: ...]
+        if out_features != 3 * n_heads * hs:
+            raise ValueError(f"{name}: {out_features} outputs, expected 3 x {n_heads} heads x {hs}")
+        for r, rn in enumerate("qkv"):
+            for h in range(n_heads):
+                s = (r * n_heads + h) * hs
+                blocks.append(Block(f"{name}[h{h}.{rn}]", name, kind, rn, h, s, s + hs))
+        blocks.sort(key=lambda b: b.row_start)
+    elif layout == "separate":
+        n = n_heads if role == "q" else n_kv
+        if out_features != n * hs:
+            raise ValueError(f"{name}: {out_features} outputs, expected {n} heads x {hs}")
+        for h in range(n):
+            blocks.append(Block(f"{name}[h{h}.{role}]", name, kind, role, h, h * hs, (h + 1) * hs))
+    else:
+        return whole
+    return tuple(blocks)
+
+
+def discover_modules(model: nn.Module, attention_blocks: str = "per_head", modules: str = "all",
+                     module_tags: dict[str, str] | None = None) -> list[ModuleSpec]:
+    """Find the analysed linear projections of ``model`` and split them into blocks.
+
+    Args:
+        model: a transformers model (GPT-NeoX, BLOOM, GPT-2, Llama-style) or any ``nn.Module``.
+        attention_blocks: ``"per_head"`` splits query/key/value into one block per (head, role);
+            ``"fused"`` keeps each projection whole (what kronfluence does).
+        modules: ``"all"`` (attention and MLP) or ``"mlp"`` (MLP projections only).
+        module_tags: for other architectures, ``{module name: "mlp" | "mha"}``; each named module
+            is analysed as one block. When given, automatic discovery is not used.
+    """
+    if attention_blocks not in ATTENTION_BLOCKS:
+        raise ValueError(f"attention_blocks must be one of {ATTENTION_BLOCKS}, got {attention_blocks!r}")
+    if modules not in MODULE_SETS:
+        raise ValueError(f"modules must be one of {MODULE_SETS}, got {modules!r}")
+    config = getattr(model, "config", None)
+    named = dict(model.named_modules())
+    specs: list[ModuleSpec] = []
+    if module_tags:
+        for name, tag in module_tags.items():
+            if tag not in ("mlp", "mha"):
+                raise ValueError(f"module {name!r} is tagged {tag!r}; tags must be 'mlp' or 'mha'")
+            if name not in named:
+                raise ValueError(f"module {name!r} is not in the model; check the names in module_tags")
+            layout, d_in, d_out = _layout_of(named[name])
+            if modules == "mlp" and tag != "mlp":
+                continue
+            specs.append(ModuleSpec(name, tag, layout, d_in, d_out, named[name].bias is not None,
+                                    (Block(name, name, tag, tag, None, 0, d_out),)))
+        return specs
+    for name, mod in named.items():
+        match = next((v for k, v in _KNOWN.items() if name == k or name.endswith("." + k)), None)
+        if match is None:
+            continue
+        kind, role, qkv_layout = match
+        if modules == "mlp" and kind != "mlp":
+            continue
+        layout, d_in, d_out = _layout_of(mod)
+        blocks = _split(name, kind, role, qkv_layout, d_out, config, attention_blocks)
+        specs.append(ModuleSpec(name, kind, layout, d_in, d_out, mod.bias is not None, blocks))
+    if not specs:
+        raise ValueError(
+            f"no analysable modules found in {type(model).__name__}; pass module_tags={{name: 'mlp'|'mha'}}")
+    return specs
+
+
+def discover_blocks(model: nn.Module, attention_blocks: str = "per_head", modules: str = "all",
+                    module_tags: dict[str, str] | None = None) -> list[Block]:
+    """All blocks of ``discover_modules``, flattened."""
+    return [b for m in discover_modules(model, attention_blocks, modules, module_tags) for b in m.blocks]
+
+
+def block_matrix(model: nn.Module, spec: ModuleSpec, block: Block | None = None,
+                 grad: bool = False) -> torch.Tensor:
+    """The [p, d] matrix (weight rows, bias as last column) of a block or whole module.
+
+    With ``grad=True`` the same view of the parameters' ``.grad``. Handles GPT-2's transposed
+    ``Conv1D`` weight, so every block is seen in the same (output x input) orientation.
+    """
+    mod = model.get_submodule(spec.name)
+    w = mod.weight.grad if grad else mod.weight
+    w = w.t() if spec.layout == "conv1d" else w
+    lo, hi = (0, spec.out_features) if block is None else (block.row_start, block.row_stop)
+    m = w[lo:hi]
+    if spec.has_bias:
+        b = mod.bias.grad if grad else mod.bias
+        m = torch.cat([m, b[lo:hi, None]], dim=1)
+    return m
+
+
+@dataclass
+class LoadedModel:
+    """A model and tokenizer loaded from a local checkpoint directory."""
+
+    model: nn.Module
+    tokenizer: object
+    path: str
+    task: str  # "causal_lm" or "sequence_classification"
+
+
+def load_model(path: str | Path, task: str = "auto", dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a local Hugging Face checkpoint (safetensors preferred, remote code never run).
+
+    ``task="auto"`` picks a sequence-classification model when the checkpoint's architectures say
+    so, else a causal LM. Raises a specific error for a missing or non-model path.
+    """
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"model path {p} does not exist; point [models] at a local checkpoint "
+                                f"directory written by save_pretrained")
+    if not p.is_dir() or not (p / "config.json").exists():
+        raise ValueError(f"{p} is not a Hugging Face checkpoint directory (no config.json); save the "
+                         f"model with model.save_pretrained('{p}')")
+    has_weights = any(p.glob("*.safetensors")) or any(p.glob("*.bin")) or any(p.glob("*.safetensors.index.json"))
+    if not has_weights:
+        raise ValueError(f"{p} has a config.json but no weights (*.safetensors or *.bin)")
+    config = AutoConfig.from_pretrained(p, trust_remote_code=False)
+    archs = getattr(config, "architectures", None) or []
+    if task == "auto":
+        task = "sequence_classification" if any("SequenceClassification" in a for a in archs) else "causal_lm"
+    cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
+    model = cls.from_pretrained(p, dtype=dtype, trust_remote_code=False, use_safetensors=None)
+    model.to(device).eval()
+    tokenizer = None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
+    except (OSError, ValueError) as e:  # a checkpoint without a tokenizer still loads
+        log.warning("no tokenizer in %s (%s)", p, e)
+    return LoadedModel(model, tokenizer, str(p), task)
+
+
+def check_compatible(pt_specs: list[ModuleSpec], ft_specs: list[ModuleSpec]) -> list[str]:
+    """Names of modules present in both models; raise naming the first shape mismatch."""
+    ft = {s.name: s for s in ft_specs}
+    common = []
+    for s in pt_specs:
+        if s.name in ft:
+            if s.shape_key() != ft[s.name].shape_key():
+                raise ValueError(
+                    f"module {s.name} differs between the pre-trained and fine-tuned models: "
+                    f"{s.shape_key()} vs {ft[s.name].shape_key()} (layout, in, out, bias, blocks); "
+                    f"both checkpoints must share the backbone architecture")
+            common.append(s.name)
+    if not common:
+        raise ValueError("the pre-trained and fine-tuned models share no analysed module names")
+    return common
+
+
+def fingerprint(model: nn.Module, specs: list[ModuleSpec]) -> str:
+    """A content hash of the analysed weights and their block layout."""
+    h = hashlib.sha256()
+    h.update(json.dumps([s.to_json() for s in specs], sort_keys=True).encode())
+    for s in specs:
+        mod = model.get_submodule(s.name)
+        for t in (mod.weight, mod.bias):
+            if t is not None:
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()

@@ -1,0 +1,112 @@
+"""Candidate side: influence scores of documents for many queries at once (SPEC section 4).
+
+Per batch of candidate documents: one forward and backward pass, then per module and block
+``score = Σ_t ds_tᵀ Q̃ a_t`` for every query iHVP ``Q̃``. No candidate gradient is kept or
+preconditioned. Two equivalent contractions are available, chosen per module by flop count:
+
+- ``"gradient"``: form the batch's per-sequence gradients ``Σ_t ds_t a_tᵀ`` (the work a backward pass
+  does for weight gradients, freed right after) and take their inner products with all ``Q̃``;
+- ``"low_rank"``: with rank-r query iHVPs ``U Vᵀ``, ``Σ_t (ds_tᵀ U)(Vᵀ a_t)``, never forming a gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data import Encoded, iter_batches
+from .gradients import analysed_grads_only, forward_backward
+from .models import ModuleSpec
+from .query import QueryIHVPs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoreResult:
+    """Scores [documents, queries] (positive = the document supports the completion), per block too."""
+
+    scores: np.ndarray  # [N, Q]
+    by_block: np.ndarray  # [N, blocks, Q]
+    block_names: list[str]
+    block_kinds: list[str]
+    losses: np.ndarray  # [N] each document's summed loss
+    timings: dict = field(default_factory=dict)
+
+    def part(self, kind: str) -> np.ndarray:
+        """Sum of the per-block scores of ``kind`` ("mlp" or "mha"), [N, Q]."""
+        sel = np.array([k == kind for k in self.block_kinds])
+        return self.by_block[:, sel, :].sum(axis=1) if sel.any() else np.zeros_like(self.scores)
+
+
+def _costs(spec: ModuleSpec, t: int, q: int, r: int) -> tuple[float, float]:
+    dense = t * spec.out_features * spec.d + q * spec.out_features * spec.d
+    low = t * q * r * (spec.out_features + spec.n_blocks * spec.d) if r else float("inf")
+    return dense, low
+
+
+def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch_size: int = 8,
+                    pad_id: int | None = None, strategy: str = "auto") -> ScoreResult:
+    """Score every document in ``encoded`` against every query iHVP in ``ihvps``.
+
+    ``model`` is θ_pt for MS-IF and GDP, θ_ft for SS-IF. The document loss is its summed next-token
+    cross-entropy over its own tokens. Results are in the order of ``encoded``.
+    """
+    if strategy not in ("auto", "gradient", "low_rank"):
+        raise ValueError(f"strategy must be auto, gradient or low_rank, got {strategy!r}")
+    if strategy == "low_rank" and ihvps.rank == 0:
+        raise ValueError("the low_rank strategy needs rank-r query iHVPs (rank > 0)")
+    if len(encoded) == 0:
+        raise ValueError("no documents to score")
+    specs = list(ihvps.specs.values())
+    dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    pad = pad_id if pad_id is not None else int(getattr(model.config, "pad_token_id", None) or 0)
+    nq, n = ihvps.n_queries, len(encoded)
+    blocks = [b for s in specs for b in s.blocks]
+    by_block = torch.zeros(n, len(blocks), nq, dtype=torch.float64)
+    losses = torch.zeros(n, dtype=torch.float64)
+    dense = {s.name: ihvps.matrix(s.name).to(dev, dtype).reshape(nq, s.n_blocks, s.p * s.d)
+             for s in specs if ihvps.rank == 0 or strategy != "low_rank"}
+    uv = {s.name: (ihvps.u[s.name].to(dev, dtype), ihvps.v[s.name].to(dev, dtype))
+          for s in specs if ihvps.rank > 0}
+    t0 = time.perf_counter()
+    done = tokens = 0
+    last = t0
+    with analysed_grads_only(model, specs):
+        for batch in iter_batches(encoded, batch_size, pad):
+            batch = batch.to(dev)
+            cap = forward_backward(model, specs, batch, fisher="empirical")
+            b, t = batch.input_ids.shape
+            col = 0
+            rows = torch.tensor(batch.index)
+            for s in specs:
+                a, ds = cap.a[s.name], cap.ds[s.name]
+                c_dense, c_low = _costs(s, t, nq, ihvps.rank)
+                use_low = strategy == "low_rank" or (strategy == "auto" and c_low < c_dense and s.name in uv)
+                if use_low:
+                    u, v = uv[s.name]  # [Q, n, p, r], [Q, n, d, r]
+                    x = torch.einsum("btnp,qnpr->bnqrt", ds.view(b, t, s.n_blocks, s.p), u)
+                    y = torch.einsum("btd,qndr->bnqrt", a, v)
+                    sc = (x * y).sum(dim=(-1, -2))  # [B, n, Q]
+                else:
+                    g = torch.einsum("btp,btd->bpd", ds, a).reshape(b, s.n_blocks, s.p * s.d)
+                    sc = torch.einsum("bnk,qnk->bnq", g, dense[s.name])
+                by_block[rows, col:col + s.n_blocks] = sc.double().cpu()
+                col += s.n_blocks
+            losses[rows] = cap.per_sequence_loss.double().cpu()
+            done += b
+            tokens += batch.n_tokens
+            now = time.perf_counter()
+            if now - last > 10 or done == n:
+                log.info("scored %d/%d documents x %d queries, %.1f docs/s", done, n, nq, done / (now - t0))
+                last = now
+    secs = time.perf_counter() - t0
+    bb = by_block.numpy()
+    return ScoreResult(bb.sum(axis=1), bb, [b.name for b in blocks], [b.kind for b in blocks], losses.numpy(),
+                       {"seconds": secs, "documents": n, "tokens": tokens, "docs_per_s": n / max(secs, 1e-9)})

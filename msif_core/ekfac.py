@@ -221,10 +221,17 @@ def lambda_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, bas
             cap = forward_backward(model, specs, batch, settings.fisher, gen)
             for s in specs:
                 b, t = cap.a[s.name].shape[:2]
-                a_rot = cap.a[s.name] @ qa[s.name]  # [B, T, d]
                 ds = cap.ds[s.name].view(b, t, s.n_blocks, s.p)
-                ds_rot = torch.einsum("btnp,npq->btnq", ds, qs[s.name])
-                g = torch.einsum("btnq,btd->bnqd", ds_rot, a_rot)  # rotated per-sequence gradients
+                # per-token rotation costs T(d² + Pp), rotating the sequence gradient Pd(p + d)
+                if t * (s.d * s.d + s.out_features * s.p) < s.out_features * s.d * (s.p + s.d):
+                    # short sequences: rotate each token's a and ds, then sum over tokens
+                    a_rot = cap.a[s.name] @ qa[s.name]  # [B, T, d]
+                    ds_rot = torch.einsum("btnp,npq->btnq", ds, qs[s.name])
+                    g = torch.einsum("btnq,btd->bnqd", ds_rot, a_rot)
+                else:
+                    # long sequences: form each sequence's gradient, then rotate it once
+                    g = torch.einsum("btnp,btd->bnpd", ds, cap.a[s.name])
+                    g = torch.einsum("npq,bnpd,de->bnqe", qs[s.name], g, qa[s.name])
                 lam[s.name] += (g * g).sum(0).to(torch.float64)
             prog.step(len(batch.index), batch.n_tokens)
     return LambdaSums(lam, len(encoded))

@@ -70,7 +70,12 @@ class Stage:
 
     @property
     def pad_id(self) -> int:
-        """Padding id of its tokenizer."""
+        """Padding id: the model config's ``pad_token_id`` when set (a classification head finds each row's
+        last real token by it, so padding with another id would score the wrong token), else the tokenizer's."""
+        cfg = self.model.config
+        pad, vocab = getattr(cfg, "pad_token_id", None), getattr(cfg, "vocab_size", None)
+        if isinstance(pad, int) and pad >= 0 and (vocab is None or pad < vocab):
+            return pad
         return pad_id_of(self.loaded.tokenizer)
 
 

@@ -184,19 +184,27 @@ def covariance_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded,
     return CovarianceSums(a_sum, s_sum, tokens, len(encoded))
 
 
-def eigenbasis(sums: CovarianceSums) -> Eigenbasis:
-    """Eigenvectors of the mean covariances (float64 ``eigh``); names a block with non-finite values."""
+def eigenbasis(sums: CovarianceSums, specs: list[ModuleSpec] | None = None) -> Eigenbasis:
+    """Eigenvectors of the mean covariances (float64 ``eigh``); names a block with non-finite values
+    (by its name when ``specs`` are given, else by its index in the module)."""
     if sums.tokens == 0:
         raise ValueError("covariance sums hold no tokens")
+    names = {sp.name: [b.name for b in sp.blocks] for sp in specs or []}
     q_a, q_s = {}, {}
     for name, a in sums.a.items():
         a = a / sums.tokens
         s = sums.s[name] / sums.tokens
-        for what, m in (("activation covariance A", a), ("gradient covariance S", s)):
-            if not torch.isfinite(m).all():
-                raise FloatingPointError(
-                    f"non-finite {what} in module {name}; the model's activations or gradients overflow: "
-                    f"use float32/float64 instead of half precision, or check the checkpoint")
+        where = None
+        if not torch.isfinite(a).all():
+            where = f"activation covariance A in module {name} (shared by all its blocks)"
+        elif not torch.isfinite(s).all():
+            j = int((~torch.isfinite(s)).flatten(1).any(1).nonzero()[0])
+            block = names[name][j] if name in names else f"{name} (block {j})"
+            where = f"gradient covariance S in block {block}"
+        if where:
+            raise FloatingPointError(
+                f"non-finite {where}; the model's activations or gradients overflow: fit in float32 or "
+                f"float64 instead of half precision (dtype=...), or check the checkpoint for inf/nan weights")
         q_a[name] = torch.linalg.eigh(a.double())[1]
         q_s[name] = torch.linalg.eigh(s.double())[1]
     return Eigenbasis(q_a, q_s, sums.tokens)
@@ -353,7 +361,7 @@ def fit_ekfac(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, setti
     settings = settings or FitSettings()
     t0 = time.perf_counter()
     sums = covariance_sums(model, specs, encoded, settings, pad_id)
-    basis = eigenbasis(sums)
+    basis = eigenbasis(sums, specs)
     lam = lambda_sums(model, specs, encoded, basis, settings, pad_id)
     f = finalize(model, specs, basis, lam, settings,
                  {"fit_seconds": round(time.perf_counter() - t0, 3), "truncated": encoded.n_truncated})

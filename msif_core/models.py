@@ -251,6 +251,10 @@ class LoadedModel:
     task: str  # "causal_lm" or "sequence_classification"
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model")
+
+
 def load_model(path: str | Path, task: str = "auto", dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> LoadedModel:
     """Load a local Hugging Face checkpoint (safetensors preferred, remote code never run).
@@ -283,10 +287,15 @@ def load_model(path: str | Path, task: str = "auto", dtype: torch.dtype = torch.
     model = cls.from_pretrained(p, dtype=dtype, trust_remote_code=False, use_safetensors=None)
     model.to(device).eval()
     tokenizer = None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
-    except (OSError, ValueError) as e:  # a checkpoint without a tokenizer still loads
-        log.warning("no tokenizer in %s (%s)", p, e)
+    # transformers 5 invents a near-empty default tokenizer for a directory without tokenizer files, so
+    # look for them first: a checkpoint without a tokenizer still loads, with tokenizer None
+    if any((p / f).exists() for f in _TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            log.warning("could not load the tokenizer in %s (%s)", p, e)
+    else:
+        log.warning("no tokenizer files in %s; pass token ids yourself or save the tokenizer beside the model", p)
     return LoadedModel(model, tokenizer, str(p), task)
 
 

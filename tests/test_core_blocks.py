@@ -1,0 +1,233 @@
+"""Blocks: discovery and labelling per architecture, the per-head partition checked against each
+model's real attention internals, the [p, d] orientation of every block (GPT-2's transposed Conv1D),
+and each block's iHVP against the explicit Kronecker inverse with absolute and relative damping.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from core_helpers import (
+    ARCHS,
+    PAD,
+    block_damping,
+    explicit_block_matrix,
+    explicit_precondition,
+    one_thread,  # noqa: F401  (autouse fixture)
+    random_docs,
+    tiny_model,
+    unvec,
+    vec,
+)
+
+from msif_core.ekfac import FitSettings, fit_ekfac
+from msif_core.models import block_matrix, discover_blocks, discover_modules
+
+# (query heads, key/value heads) of the tiny models
+HEADS = {"gpt_neox": (2, 2), "bloom": (2, 2), "gpt2": (2, 2), "llama": (2, 1)}
+QKV_ROLES = ("q", "k", "v")
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """Each architecture with factors fitted (true Fisher, the default) on a few padded documents."""
+    out = {}
+    for arch in ARCHS:
+        model = tiny_model(arch, seed=2)
+        specs = discover_modules(model)
+        out[arch] = (model, specs, fit_ekfac(model, specs, random_docs(6, 3, 8, seed=21),
+                                             FitSettings(batch_size=3), PAD))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_discovered_blocks(arch):
+    model = tiny_model(arch)
+    n_q, n_kv = HEADS[arch]
+    blocks = discover_blocks(model)
+    for layer in range(2):
+        tag = f".{layer}."
+        mine = [b for b in blocks if tag in b.module_name]
+        qkv = [b for b in mine if b.role in QKV_ROLES]
+        want = {(h, r) for r in QKV_ROLES for h in range(n_q if r == "q" else n_kv)}
+        assert {(b.head, b.role) for b in qkv} == want and len(qkv) == len(want)
+        assert all(b.kind == "mha" and b.p == 8 for b in qkv)
+        assert sum(b.role == "o" for b in mine) == 1
+        n_mlp = 3 if arch == "llama" else 2  # gate, up, down vs in, out
+        assert sum(b.kind == "mlp" for b in mine) == n_mlp
+        assert len(mine) == len(want) + 1 + n_mlp
+    assert not any("embed" in b.module_name or "lm_head" in b.module_name or "wte" in b.module_name
+                   for b in blocks)
+    # within a module, blocks tile the output rows exactly
+    for s in discover_modules(model):
+        rows = sorted((b.row_start, b.row_stop) for b in s.blocks)
+        assert rows[0][0] == 0 and rows[-1][1] == s.out_features
+        assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+    fused = discover_modules(model, attention_blocks="fused")
+    assert all(s.n_blocks == 1 for s in fused) and len(fused) == len(discover_modules(model))
+    mlp = discover_modules(model, modules="mlp")
+    assert mlp and all(s.kind == "mlp" for s in mlp) and len(mlp) == 2 * (3 if arch == "llama" else 2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_block_matrix_orientation(arch):
+    """Every block's [p, d] matrix maps [x, 1] to exactly its rows of the module output."""
+    model = tiny_model(arch)
+    x = torch.randn(2, 5, 64, dtype=torch.float64)
+    for s in discover_modules(model):
+        mod = model.get_submodule(s.name)
+        xi = x[..., :s.in_features]
+        out = mod(xi)
+        xa = torch.cat([xi, torch.ones_like(xi[..., :1])], dim=-1) if s.has_bias else xi
+        assert out.shape[-1] == s.out_features
+        for b in s.blocks:
+            m = block_matrix(model, s, b)
+            assert m.shape == (b.p, s.d)
+            torch.testing.assert_close(xa @ m.t(), out[..., b.row_start:b.row_stop], rtol=1e-12, atol=1e-12)
+    if arch == "gpt2":  # Conv1D stores the weight as [in, out]
+        s = discover_modules(model)[0]
+        assert s.layout == "conv1d"
+        w = model.get_submodule(s.name).weight
+        torch.testing.assert_close(block_matrix(model, s)[:, :-1], w.t())
+
+
+# ------------------------------------------------------------------------- per-head partition
+
+class _Capture:
+    """Records each attention layer's per-head query/key/value states ([B, heads, T, head_size])."""
+
+    def __init__(self, model, arch):
+        self.states: list[dict[str, torch.Tensor]] = []
+        if arch == "bloom":  # BLOOM splits its fused projection in `_reshape`
+            for layer in model.transformer.h:
+                attn = layer.self_attention
+                orig = attn._reshape
+
+                def wrapped(fused, orig=orig):
+                    q, k, v = orig(fused)
+                    self.states.append({"q": q.detach().clone(), "k": k.detach().clone(), "v": v.detach().clone()})
+                    return q, k, v
+                attn._reshape = wrapped
+        else:  # the rest hand q, k, v (after RoPE, before grouped-query repetition) to the attention function
+            from transformers import AttentionInterface
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+            def attention(module, q, k, v, mask, **kw):
+                self.states.append({"q": q.detach().clone(), "k": k.detach().clone(), "v": v.detach().clone()})
+                return sdpa_attention_forward(module, q, k, v, mask, **kw)
+            AttentionInterface.register("msif_capture", attention)
+            model.set_attn_implementation("msif_capture")
+            assert model.config._attn_implementation == "msif_capture"
+
+    def run(self, model, x):
+        self.states = []
+        with torch.no_grad():
+            model(input_ids=x)
+        return self.states
+
+
+def _perturb_rows(model, spec, block, scale=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mod = model.get_submodule(spec.name)
+    with torch.no_grad():
+        delta = scale * torch.randn(block.p, spec.in_features, generator=g, dtype=torch.float64)
+        if spec.layout == "conv1d":
+            mod.weight[:, block.row_start:block.row_stop] += delta.t()
+        else:
+            mod.weight[block.row_start:block.row_stop] += delta
+        if spec.has_bias:
+            mod.bias[block.row_start:block.row_stop] += scale
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_per_head_partition_matches_the_attention_layout(arch):
+    """Perturbing block (head h, role r) changes that head's r-states in its layer, and nothing else there."""
+    model = tiny_model(arch, seed=3)
+    cap = _Capture(model, arch)
+    x = torch.randint(3, 37, (2, 6))
+    base = cap.run(model, x)
+    assert len(base) == 2
+    n_q, n_kv = HEADS[arch]
+    assert base[0]["q"].shape[1] == n_q and base[0]["k"].shape[1] == n_kv and base[0]["v"].shape[1] == n_kv
+    checked = 0
+    for spec in discover_modules(model):
+        for block in spec.blocks:
+            if block.role not in QKV_ROLES:
+                continue
+            layer = int(spec.name.split(".")[-3])
+            saved = {k: v.detach().clone() for k, v in model.get_submodule(spec.name).state_dict().items()}
+            _perturb_rows(model, spec, block)
+            new = cap.run(model, x)
+            model.get_submodule(spec.name).load_state_dict(saved)
+            for lay in range(layer):  # earlier layers untouched
+                for r in QKV_ROLES:
+                    torch.testing.assert_close(new[lay][r], base[lay][r], rtol=0, atol=0)
+            for r in QKV_ROLES:
+                for h in range(base[layer][r].shape[1]):
+                    diff = (new[layer][r][:, h] - base[layer][r][:, h]).abs().max().item()
+                    if (r, h) == (block.role, block.head):
+                        assert diff > 1e-3, f"{block.name}: its own state {r}{h} did not change"
+                    else:
+                        assert diff == 0.0, f"{block.name}: perturbing it changed {r} of head {h} in layer {layer}"
+            checked += 1
+    assert checked == 2 * (n_q + 2 * n_kv)
+
+
+# ------------------------------------------------------------------------------ iHVP per block
+
+@pytest.mark.parametrize("damping", [1e-3, "relative:0.1"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ihvp_equals_explicit_kronecker_inverse(fitted, arch, damping):
+    model, specs, f = fitted[arch]
+    g = torch.Generator().manual_seed(4)
+    for s in specs:
+        v = torch.randn(3, s.out_features, s.d, generator=g, dtype=torch.float64)
+        got = f.precondition(s.name, v, damping)
+        assert got.shape == v.shape
+        want = explicit_precondition(f, s.name, v, damping)
+        scale = want.abs().max()
+        torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-9)
+        # and it solves (G + λ) x = v block by block
+        for j, b in enumerate(s.blocks):
+            lam = block_damping(f, s.name, j, damping)
+            gx = explicit_block_matrix(f, s.name, j) @ vec(got[0, b.row_start:b.row_stop]) + lam * vec(
+                got[0, b.row_start:b.row_stop])
+            torch.testing.assert_close(unvec(gx, s.p, s.d), v[0, b.row_start:b.row_stop], rtol=1e-7, atol=1e-9)
+
+
+def test_vec_convention():
+    """(Q_A ⊗ Q_S) vec(X) = vec(Q_S X Q_Aᵀ) with column-major vec: the formula the explicit inverse uses."""
+    g = torch.Generator().manual_seed(0)
+    qa, qs, x = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((5, 5), (3, 3), (3, 5)))
+    torch.testing.assert_close(torch.kron(qa, qs) @ vec(x), vec(qs @ x @ qa.t()))
+
+
+def test_damping_is_never_stored(fitted):
+    model, specs, f = fitted["gpt_neox"]
+    before = {n: t.clone() for n, t in f.lam.items()}
+    g = torch.Generator().manual_seed(5)
+    s = specs[0]
+    v = torch.randn(s.out_features, s.d, generator=g, dtype=torch.float64)
+    outs = [f.precondition(s.name, v, d) for d in (1e-2, 1e-2, "relative:0.5", 1e-2)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    torch.testing.assert_close(outs[0], outs[3], rtol=0, atol=0)
+    for n in f.lam:
+        torch.testing.assert_close(f.lam[n], before[n], rtol=0, atol=0)
+
+
+def test_relative_damping_is_per_block(fitted):
+    model, specs, f = fitted["bloom"]
+    s = next(s for s in specs if s.n_blocks > 1)
+    d = f.damping_for(s.name, "relative:0.1")
+    want = torch.tensor([0.1 * f.lam[s.name][j].mean().item() for j in range(s.n_blocks)], dtype=torch.float64)
+    torch.testing.assert_close(d, want, rtol=1e-12, atol=0)
+    assert d.unique().numel() == s.n_blocks, "each block gets its own mean"
+    torch.testing.assert_close(f.damping_for(s.name, 1e-5), torch.full((s.n_blocks,), 1e-5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="relative"):
+        f.damping_for(s.name, "0.1")
+
+
+def test_factor_storage_size(fitted):
+    model, specs, f = fitted["llama"]
+    want = sum(s.d ** 2 + s.n_blocks * s.p ** 2 + s.d * s.out_features for s in specs)
+    assert f.n_floats() == want

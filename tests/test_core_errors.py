@@ -1,0 +1,248 @@
+"""Bad input gets a specific error, and nothing half-written is left behind."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from core_helpers import (
+    PAD,
+    one_thread,  # noqa: F401  (autouse fixture)
+    random_docs,
+    random_pairs,
+    tiny_model,
+)
+
+from msif_core import ekfac as ekfac_module
+from msif_core import query as query_module
+from msif_core.api import AttributionSettings, load_stages
+from msif_core.data import Encoded, encode_documents, encode_pairs
+from msif_core.ekfac import CovarianceSums, Factors, FitSettings, covariance_sums, eigenbasis, fit_ekfac
+from msif_core.models import check_compatible, discover_modules, fingerprint, load_model
+from msif_core.query import QueryIHVPs, measurement_gradients, query_ihvps
+from msif_core.scoring import score_documents
+
+EMPTY = Encoded([], [])
+
+
+@pytest.fixture(scope="module")
+def small():
+    model = tiny_model("gpt_neox", seed=4)
+    specs = discover_modules(model)
+    f = fit_ekfac(model, specs, random_docs(4, 3, 6, seed=1), FitSettings(fisher="empirical", batch_size=2), PAD)
+    return model, specs, f
+
+
+class CharTokenizer:
+    """One token per character (a stand-in with the call signature the encoders use)."""
+
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [3 + (ord(c) % 30) for c in text]}
+
+
+# ------------------------------------------------------------------------------------- paths
+
+def test_missing_or_non_model_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("hello")
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(tmp_path / "notes")
+    (tmp_path / "file.bin").write_text("x")
+    with pytest.raises(ValueError, match="not a Hugging Face checkpoint"):
+        load_model(tmp_path / "file.bin")
+    model = tiny_model("gpt_neox")
+    model.config.save_pretrained(tmp_path / "config_only")
+    with pytest.raises(ValueError, match="no weights"):
+        load_model(tmp_path / "config_only")
+    with pytest.raises(FileNotFoundError):
+        load_stages(tmp_path / "nowhere", tmp_path / "notes", AttributionSettings())
+
+
+def test_checkpoint_without_tokenizer_loads_without_inventing_one(tmp_path, caplog):
+    tiny_model("llama").save_pretrained(tmp_path / "m")
+    with caplog.at_level(logging.WARNING, logger="msif_core.models"):
+        loaded = load_model(tmp_path / "m", dtype=torch.float64)
+    assert loaded.tokenizer is None and loaded.task == "causal_lm"
+    assert "no tokenizer" in caplog.text
+
+
+# --------------------------------------------------------------------------- incompatible models
+
+@pytest.mark.parametrize("change, first", [
+    ({"intermediate_size": 48}, "gpt_neox.layers.0.mlp.dense_h_to_4h"),
+    ({"num_attention_heads": 4}, "gpt_neox.layers.0.attention.query_key_value"),
+    ({"attention_bias": False}, "gpt_neox.layers.0.attention.query_key_value"),
+])
+def test_backbones_whose_blocks_differ_name_the_first_mismatch(tmp_path, change, first):
+    tiny_model("gpt_neox").save_pretrained(tmp_path / "pt")
+    tiny_model("gpt_neox", **change).save_pretrained(tmp_path / "ft")
+    with pytest.raises(ValueError, match="differs between the pre-trained and fine-tuned") as e:
+        load_stages(tmp_path / "pt", tmp_path / "ft", AttributionSettings())
+    assert f"module {first} " in str(e.value)
+
+
+def test_models_sharing_no_module_are_refused():
+    a = discover_modules(tiny_model("gpt_neox"))
+    b = discover_modules(tiny_model("llama"))
+    with pytest.raises(ValueError, match="share no analysed module"):
+        check_compatible(a, b)
+
+
+# ------------------------------------------------------------------------------------- data
+
+def test_empty_data_sets(small):
+    model, specs, f = small
+    with pytest.raises(ValueError, match="empty data set"):
+        fit_ekfac(model, specs, EMPTY, FitSettings(), PAD)
+    with pytest.raises(ValueError, match="empty data set"):
+        covariance_sums(model, specs, EMPTY, FitSettings(), PAD)
+    with pytest.raises(ValueError, match="no queries"):
+        measurement_gradients(model, specs, EMPTY)
+    grads = measurement_gradients(model, specs, random_pairs(2, (2, 3), (1, 2), seed=2), pad_id=PAD)
+    ih = query_ihvps(grads, specs, "ss_if", ft_factors=f)
+    with pytest.raises(ValueError, match="no documents"):
+        score_documents(model, ih, EMPTY)
+    # documents too short to hold a target are dropped and counted
+    enc = encode_documents(CharTokenizer(), ["", "a", "abc"], max_length=8)
+    assert (len(enc), enc.n_dropped, enc.kept) == (1, 2, [2])
+
+
+def test_documents_longer_than_max_length_are_truncated_and_counted(small, caplog):
+    tok = CharTokenizer()
+    texts = ["abcdefghijkl", "abc", "abcdefghi"]
+    with caplog.at_level(logging.WARNING, logger="msif_core.data"):
+        enc = encode_documents(tok, texts, max_length=8)
+    assert enc.n_truncated == 2 and "2 of 3 documents were longer than 8 tokens" in caplog.text
+    assert [len(x) for x in enc.input_ids] == [8, 3, 8]
+    assert enc.input_ids[0] == tok(texts[0])["input_ids"][:8]  # the start is kept
+    model, specs, _ = small
+    f = fit_ekfac(model, specs, enc, FitSettings(fisher="empirical"), PAD)
+    assert f.manifest["truncated"] == 2 and f.manifest["tokens"] == 19
+    # a too-long pair keeps its whole completion (up to max_length - 1) and the end of its prompt
+    pairs = encode_pairs(tok, ["abcdefgh", "ab"], ["xyz", "klmnopqrstuv"], max_length=6)
+    assert pairs.n_truncated == 2
+    assert pairs.input_ids[0] == tok("fgh")["input_ids"] + tok("xyz")["input_ids"]
+    assert pairs.loss_mask[0] == [False] * 3 + [True] * 3
+    assert pairs.input_ids[1] == tok("b")["input_ids"] + tok("klmno")["input_ids"]
+    assert pairs.loss_mask[1] == [False] + [True] * 5
+    with pytest.raises(ValueError, match="at least 2"):
+        encode_documents(tok, texts, max_length=1)
+
+
+# ---------------------------------------------------------------------------------- numerics
+
+def test_non_finite_covariances_name_the_block(small):
+    model, specs, _ = small
+    sums = covariance_sums(model, specs, random_docs(3, 3, 5, seed=3), FitSettings(fisher="empirical"), PAD)
+    bad = specs[2]  # an MLP module
+    sums.s[bad.name][0, 1, 1] = float("nan")
+    with pytest.raises(FloatingPointError, match=f"gradient covariance S in block {bad.blocks[0].name}") as e:
+        eigenbasis(sums, specs)
+    assert "dtype" in str(e.value)
+    qkv = specs[0]
+    sums = covariance_sums(model, specs, random_docs(3, 3, 5, seed=3), FitSettings(fisher="empirical"), PAD)
+    sums.s[qkv.name][4] = float("inf")  # head 1, role k of an interleaved fused projection
+    with pytest.raises(FloatingPointError, match=r"block gpt_neox\.layers\.0\.attention\.query_key_value\[h1\.k\]"):
+        eigenbasis(sums, specs)
+    with pytest.raises(FloatingPointError, match=r"query_key_value \(block 4\)"):
+        eigenbasis(sums)
+    sums = covariance_sums(model, specs, random_docs(3, 3, 5, seed=3), FitSettings(fisher="empirical"), PAD)
+    sums.a[qkv.name][0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=f"activation covariance A in module {qkv.name}"):
+        eigenbasis(sums)
+    with pytest.raises(ValueError, match="no tokens"):
+        eigenbasis(CovarianceSums(sums.a, sums.s, 0, 0))
+
+
+def test_a_model_that_overflows_is_reported(small):
+    model, specs, _ = small
+    broken = tiny_model("gpt_neox", seed=4)
+    with torch.no_grad():
+        broken.get_submodule(specs[-1].name).weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        fit_ekfac(broken, specs, random_docs(3, 3, 5, seed=3), FitSettings(fisher="empirical"), PAD)
+
+
+# ----------------------------------------------------------------------- factor files
+
+def test_factors_of_another_model_are_refused(tmp_path, small):
+    model, specs, f = small
+    f.save(tmp_path / "f")
+    other = tiny_model("gpt_neox", seed=5)
+    with pytest.raises(ValueError, match="fitted on another model"):
+        Factors.load(tmp_path / "f", expect_fingerprint=fingerprint(other, discover_modules(other)))
+    # the same weights under another block layout are another model too
+    with pytest.raises(ValueError, match="fitted on another model"):
+        Factors.load(tmp_path / "f", expect_fingerprint=fingerprint(model, discover_modules(model, "fused")))
+    assert Factors.load(tmp_path / "f", expect_fingerprint=fingerprint(model, specs)).manifest["fingerprint"]
+    with pytest.raises(FileNotFoundError, match="holds no EK-FAC factors"):
+        Factors.load(tmp_path / "nothing")
+    man = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    (tmp_path / "f" / "manifest.json").write_text(json.dumps(man | {"format": "other"}))
+    with pytest.raises(ValueError, match="unknown factors format"):
+        Factors.load(tmp_path / "f")
+
+
+def _failing_save_file(tensors, filename, metadata=None):
+    with open(filename, "wb") as fh:
+        fh.write(b"half")
+    raise OSError("disk full")
+
+
+def test_failed_saves_leave_nothing_half_written(tmp_path, small, monkeypatch):
+    model, specs, f = small
+    monkeypatch.setattr(ekfac_module, "save_file", _failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        f.save(tmp_path / "new")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    f.save(tmp_path / "old")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
+    monkeypatch.setattr(ekfac_module, "save_file", _failing_save_file)
+    with pytest.raises(OSError):
+        f.save(tmp_path / "old")
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]  # the previous factors are intact
+    assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
+    monkeypatch.undo()
+
+    grads = measurement_gradients(model, specs, random_pairs(2, (2, 3), (1, 2), seed=2), pad_id=PAD)
+    ih = query_ihvps(grads, specs, "ss_if", ft_factors=f)
+    monkeypatch.setattr(query_module, "save_file", _failing_save_file)
+    with pytest.raises(OSError):
+        ih.save(tmp_path / "ihvps")
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="no query iHVPs"):
+        QueryIHVPs.load(tmp_path / "ihvps")
+    # the covariance/Λ shard files are atomic too
+    sums = covariance_sums(model, specs, random_docs(2, 3, 4, seed=4), FitSettings(fisher="empirical"), PAD)
+    monkeypatch.setattr(ekfac_module, "save_file", _failing_save_file)
+    with pytest.raises(OSError):
+        sums.save(tmp_path / "shard0.safetensors")
+    assert [p.name for p in tmp_path.iterdir()] == ["old"]
+
+
+def test_misused_options_are_refused(small):
+    model, specs, f = small
+    grads = measurement_gradients(model, specs, random_pairs(2, (2, 3), (1, 2), seed=2), pad_id=PAD)
+    with pytest.raises(ValueError, match="method must be one of"):
+        query_ihvps(grads, specs, "if")
+    with pytest.raises(ValueError, match="fine-tuned model's EK-FAC factors"):
+        query_ihvps(grads, specs, "ss_if")
+    with pytest.raises(ValueError, match="pre-trained model's EK-FAC factors"):
+        query_ihvps(grads, specs, "ms_if", ft_factors=f)
+    ih = query_ihvps(grads, specs, "gdp")
+    with pytest.raises(ValueError, match="needs rank-r"):
+        score_documents(model, ih, random_docs(2, 3, 4, seed=5), strategy="low_rank")
+    with pytest.raises(ValueError, match="fisher must be"):
+        fit_ekfac(model, specs, random_docs(2, 3, 4, seed=5), FitSettings(fisher="exact"), PAD)
+    with pytest.raises(ValueError, match="attention_blocks"):
+        discover_modules(model, attention_blocks="per_layer")
+    with pytest.raises(ValueError, match="not in the model"):
+        discover_modules(model, module_tags={"gpt_neox.layers.9.mlp": "mlp"})

@@ -1,0 +1,242 @@
+"""Fitted EK-FAC factors (A, S, their eigenbases, Λ) equal brute-force per-sequence autograd values.
+
+For each of GPT-NeoX, BLOOM, GPT-2 (Conv1D) and Llama (grouped-query), all with bias columns, on
+right-padded batches of documents and of prompt-masked (prompt, completion) pairs; empirical Fisher
+exactly, true Fisher by replaying the seeded draws; plus the loss alignment of sampled targets, batch
+size / padding invariance, the example cap, seeding and shard merging.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from core_helpers import (
+    ARCHS,
+    PAD,
+    BruteRun,
+    assert_eigenbasis,
+    loss_closures,
+    one_thread,  # noqa: F401  (autouse fixture)
+    random_docs,
+    random_pairs,
+    sampled_labels,
+    sampled_targets,
+    tiny_model,
+    with_labels,
+)
+
+from msif_core.data import Encoded, collate
+from msif_core.ekfac import FitSettings, covariance_sums, eigenbasis, fit_ekfac, lambda_sums, merge_all
+from msif_core.gradients import token_losses
+from msif_core.models import discover_modules
+
+DOCS = random_docs(7, 3, 9, seed=11)  # lengths vary: batches of 3 are right-padded
+PAIRS = random_pairs(6, (2, 4), (1, 4), seed=12)  # loss on completion tokens only
+DATA = {"docs": DOCS, "pairs": PAIRS}
+BATCH = 3
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {arch: tiny_model(arch, seed=1) for arch in ARCHS}
+
+
+def _close(x, y, what, rtol=1e-9):
+    scale = y.abs().max().clamp_min(1e-30)
+    torch.testing.assert_close(x / scale, y / scale, rtol=0, atol=rtol, msg=what)
+
+
+def _check_factors(model, specs, enc, settings, bf_cov: BruteRun, bf_lam: BruteRun):
+    sums = covariance_sums(model, specs, enc, settings, PAD)
+    assert sums.tokens == bf_cov.tokens == enc.n_tokens  # padding never counted
+    assert sums.sequences == len(enc)
+    for s in specs:
+        _close(sums.a[s.name], bf_cov.a_sum[s.name], f"A sum of {s.name}")
+        _close(sums.s[s.name], bf_cov.s_sum[s.name], f"S sums of {s.name}")
+    f = fit_ekfac(model, specs, enc, settings, PAD)
+    assert f.manifest["tokens"] == enc.n_tokens and f.manifest["sequences"] == len(enc)
+    for s in specs:
+        assert_eigenbasis(f.q_a[s.name], bf_cov.a_sum[s.name] / bf_cov.tokens, f"Q_A of {s.name}")
+        for j, b in enumerate(s.blocks):
+            assert_eigenbasis(f.q_s[s.name][j], bf_cov.s_sum[s.name][j] / bf_cov.tokens, f"Q_S of {b.name}")
+    lam = bf_lam.lam(f.q_a, f.q_s)
+    for s in specs:
+        _close(f.lam[s.name], lam[s.name], f"Λ of {s.name}")
+    return f
+
+
+@pytest.mark.parametrize("kind", ["docs", "pairs"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_empirical_fisher_factors_match_brute_force(models, arch, kind):
+    model, enc = models[arch], DATA[kind]
+    specs = discover_modules(model)
+    assert all(s.has_bias for s in specs), "the tiny models must exercise the bias column"
+    assert any(s.n_blocks > 1 for s in specs), "attention q/k/v must be split per head"
+    bf = BruteRun(model, specs, loss_closures(model, enc))
+    _check_factors(model, specs, enc, FitSettings(fisher="empirical", batch_size=BATCH), bf, bf)
+
+
+def test_factors_without_bias_columns_match_brute_force():
+    """Llama as usually configured (no biases): d is the input width, no constant column."""
+    model = tiny_model("llama", seed=1, attention_bias=False, mlp_bias=False)
+    specs = discover_modules(model)
+    assert not any(s.has_bias for s in specs) and all(s.d == s.in_features for s in specs)
+    bf = BruteRun(model, specs, loss_closures(model, PAIRS))
+    _check_factors(model, specs, PAIRS, FitSettings(fisher="empirical", batch_size=BATCH), bf, bf)
+
+
+@pytest.mark.parametrize("kind", ["docs", "pairs"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_true_fisher_factors_match_brute_force(models, arch, kind):
+    """Replays the seeded draws (y_t ~ softmax(logits at t−1) as target t) in an unpadded brute force."""
+    model, enc = models[arch], DATA[kind]
+    specs = discover_modules(model)
+    settings = FitSettings(fisher="true", batch_size=BATCH, seed=5)
+    t_cov = sampled_targets(model, enc, BATCH, settings.generator(1))
+    t_lam = sampled_targets(model, enc, BATCH, settings.generator(2))
+    n_resampled = sum(t != x for i in range(len(enc)) for t, x in zip(t_cov[i], enc.input_ids[i]))
+    assert n_resampled > 0 and t_cov != t_lam
+    bf_cov = BruteRun(model, specs, loss_closures(model, enc, t_cov))
+    bf_lam = BruteRun(model, specs, loss_closures(model, enc, t_lam))
+    f = _check_factors(model, specs, enc, settings, bf_cov, bf_lam)
+    emp = BruteRun(model, specs, loss_closures(model, enc)).lam(f.q_a, f.q_s)
+    name = specs[-1].name
+    assert not torch.allclose(f.lam[name], emp[name], rtol=1e-3), "true Fisher must not equal the empirical one"
+
+
+def test_true_fisher_for_a_classification_head_matches_brute_force():
+    """With a classifier head, the targets are labels drawn from the model's own softmax."""
+    model = tiny_model("gpt_neox", seed=1, classification=True)
+    specs = discover_modules(model)
+    enc = with_labels(PAIRS, 3, seed=13)
+    settings = FitSettings(fisher="true", batch_size=BATCH, seed=2)
+    drawn = [sampled_labels(model, enc, BATCH, settings.generator(k)) for k in (1, 2)]
+    assert drawn[0] != enc.labels or drawn[1] != enc.labels
+    runs = [BruteRun(model, specs, loss_closures(model, Encoded(enc.input_ids, enc.loss_mask, labels=y)))
+            for y in drawn]
+    _check_factors(model, specs, enc, settings, runs[0], runs[1])
+
+
+def _onehot_logits(batch, scale=40.0):
+    """Logits that put (almost) all mass at position t on token c[b, t] = (3 + 7t + b) mod 37 (c_t ≠ c_t±1)."""
+    b, t = batch.input_ids.shape
+    c = (3 + 7 * torch.arange(t)[None, :] + torch.arange(b)[:, None]) % 37
+    logits = torch.full((b, t, 37), -scale, dtype=torch.float64)
+    logits.scatter_(2, c[..., None], scale)
+    return logits
+
+
+def test_sampled_targets_are_scored_by_the_logits_they_were_drawn_from():
+    """SPEC 5: sampling at t and scoring at t−1 (off by one) must not happen.
+
+    With logits that put all mass on one token c_t at each position, a correctly aligned true-Fisher
+    loss is ~0; a one-position shift would cost ~2×40 nats per target.
+    """
+    enc = Encoded([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]],
+                  [[False, False, True, True, True, True], [False, True, True, True]])
+    batch = collate(enc, [0, 1], pad_id=PAD)
+    logits = _onehot_logits(batch)
+    loss = token_losses(logits, batch, "true", torch.Generator().manual_seed(0))
+    assert loss.shape == (2,) and (loss.abs() < 1e-12).all()
+    # and the empirical loss scores logits t against token t+1 on target positions only
+    emp = token_losses(logits, batch, "empirical")
+    for r, row in enumerate(enc.input_ids):
+        ref = sum(torch.nn.functional.cross_entropy(logits[r, t - 1][None], torch.tensor([row[t]]))
+                  for t in range(1, len(row)) if enc.loss_mask[r][t])
+        assert abs(float(emp[r]) - float(ref)) < 1e-9
+
+
+def test_masked_positions_contribute_nothing():
+    """Changing prompt or padding targets, or the logits whose next token is not a target, changes nothing."""
+    enc = Encoded([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14]],
+                  [[False, False, False, True, True, True], [False, False, True, True]])
+    batch = collate(enc, [0, 1], pad_id=PAD)
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 6, 37, generator=g, dtype=torch.float64)
+    base_emp = token_losses(logits, batch, "empirical")
+    base_true = token_losses(logits, batch, "true", torch.Generator().manual_seed(9))
+
+    other = collate(enc, [0, 1], pad_id=PAD)
+    other.input_ids[~other.loss_mask] = 33  # every non-target token (prompt and padding) replaced
+    torch.testing.assert_close(token_losses(logits, other, "empirical"), base_emp, rtol=0, atol=0)
+
+    moved = logits.clone()
+    no_target_next = ~batch.loss_mask[:, 1:]  # logits at t whose next token t+1 is not a target
+    moved[:, :-1][no_target_next] = torch.randn(int(no_target_next.sum()), 37, generator=g, dtype=torch.float64)
+    moved[:, -1] = 0.0  # the last position predicts nothing
+    torch.testing.assert_close(token_losses(moved, batch, "empirical"), base_emp, rtol=0, atol=0)
+    torch.testing.assert_close(token_losses(moved, batch, "true", torch.Generator().manual_seed(9)),
+                               base_true, rtol=0, atol=0)
+
+    # sanity: a completion target does matter
+    hit = collate(enc, [0, 1], pad_id=PAD)
+    hit.input_ids[0, 4] = 33
+    assert not torch.allclose(token_losses(logits, hit, "empirical"), base_emp)
+
+
+def _precond_all(f, specs, seed=0, damping=1e-3):
+    g = torch.Generator().manual_seed(seed)
+    return {s.name: f.precondition(s.name, torch.randn(s.out_features, s.d, generator=g, dtype=torch.float64),
+                                   damping) for s in specs}
+
+
+def test_batch_size_and_padding_do_not_change_factors(models):
+    model = models["gpt_neox"]
+    specs = discover_modules(model)
+    fits = [fit_ekfac(model, specs, PAIRS, FitSettings(fisher="empirical", batch_size=bs), pad)
+            for bs, pad in ((1, PAD), (4, PAD), (4, 7), (len(PAIRS), 30))]
+    ref = _precond_all(fits[0], specs)
+    sums = [covariance_sums(model, specs, PAIRS, FitSettings(fisher="empirical", batch_size=bs), pad)
+            for bs, pad in ((1, PAD), (4, 7))]
+    for s in specs:
+        _close(sums[1].a[s.name], sums[0].a[s.name], "A sums vs batch size")
+        _close(sums[1].s[s.name], sums[0].s[s.name], "S sums vs batch size")
+    for f in fits[1:]:
+        assert f.manifest["tokens"] == fits[0].manifest["tokens"] == PAIRS.n_tokens
+        got = _precond_all(f, specs)
+        for s in specs:
+            _close(got[s.name], ref[s.name], f"iHVP of {s.name} vs batch size/padding", rtol=1e-7)
+            # Λ's total is basis-free: mean squared norm of the per-sequence gradients
+            _close(f.lam[s.name].sum(), fits[0].lam[s.name].sum(), "Σ Λ")
+
+
+def test_max_examples_caps_both_passes(models):
+    model = models["llama"]
+    specs = discover_modules(model)
+    settings = FitSettings(fisher="true", batch_size=2, max_examples=4, seed=1)
+    capped = fit_ekfac(model, specs, DOCS, settings, PAD)
+    first = fit_ekfac(model, specs, DOCS.subset(range(4)), settings, PAD)
+    assert capped.manifest["sequences"] == 4
+    assert capped.manifest["tokens"] == sum(len(x) for x in DOCS.input_ids[:4])
+    for s in specs:
+        torch.testing.assert_close(capped.lam[s.name], first.lam[s.name], rtol=0, atol=0)
+
+
+def test_true_fisher_is_seeded(models):
+    model = models["gpt2"]
+    specs = discover_modules(model)
+    a, b, c = (fit_ekfac(model, specs, DOCS, FitSettings(fisher="true", batch_size=3, seed=seed), PAD)
+               for seed in (0, 0, 1))
+    name = specs[0].name
+    torch.testing.assert_close(a.lam[name], b.lam[name], rtol=0, atol=0)
+    assert not torch.allclose(a.lam[name], c.lam[name])
+
+
+def test_shard_sums_merge_to_the_full_pass(models):
+    model = models["bloom"]
+    specs = discover_modules(model)
+    settings = FitSettings(fisher="empirical", batch_size=2)
+    full = covariance_sums(model, specs, DOCS, settings, PAD)
+    parts = [covariance_sums(model, specs, DOCS.subset(ix), settings, PAD) for ix in ([0, 1, 2], [3, 4, 5, 6])]
+    merged = merge_all(parts)
+    assert (merged.tokens, merged.sequences) == (full.tokens, full.sequences)
+    for s in specs:
+        _close(merged.a[s.name], full.a[s.name], "merged A")
+        _close(merged.s[s.name], full.s[s.name], "merged S")
+    basis = eigenbasis(full)
+    lam_full = lambda_sums(model, specs, DOCS, basis, settings, PAD)
+    lam_merged = merge_all(lambda_sums(model, specs, DOCS.subset(ix), basis, settings, PAD)
+                           for ix in ([0, 1, 2], [3, 4, 5, 6]))
+    assert lam_merged.sequences == lam_full.sequences == len(DOCS)
+    for s in specs:
+        _close(lam_merged.lam[s.name], lam_full.lam[s.name], "merged Λ")

@@ -1,0 +1,340 @@
+"""Scores against explicit computation: measurement gradients, SS-IF, MS-IF (the paper's
+⟨P_ft ∇m, P_pt ∇ℓ⟩ with two models and their own factors), GDP, both fused contractions, rank-r
+query iHVPs, invariance to batch size and padding, per-block scores, save/load round trips, a
+fine-tune whose head was replaced by a classifier, and the one-call API.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import pytest
+import torch
+from core_helpers import (
+    ARCHS,
+    FIRST_TOKEN,
+    PAD,
+    VOCAB,
+    explicit_precondition,
+    lm_loss,
+    loss_closures,
+    one_thread,  # noqa: F401  (autouse fixture)
+    perturbed_copy,
+    random_docs,
+    random_pairs,
+    rel_err,
+    sequence_grads,
+    tiny_model,
+    with_labels,
+)
+
+from msif_core.api import AttributionSettings, attribute, fit_stage_factors, load_stages, score_method
+from msif_core.data import encode_documents, encode_pairs
+from msif_core.ekfac import Factors, FitSettings, fit_ekfac
+from msif_core.models import discover_blocks, discover_modules, fingerprint
+from msif_core.query import QueryIHVPs, measurement_gradients, query_ihvps
+from msif_core.scoring import score_documents
+
+DAMP_FT, DAMP_PT = 1e-3, "relative:0.1"
+FULL_RANK = 10_000  # capped at min(p, d) per block
+
+
+class World:
+    """θ_pt, θ_ft (a perturbed copy), their own data and factors, and brute-force gradients."""
+
+    def __init__(self, arch: str):
+        self.pt = tiny_model(arch, seed=7)
+        self.ft = perturbed_copy(self.pt, 0.05)
+        self.specs = discover_modules(self.pt)
+        self.names = [s.name for s in self.specs]
+        self.docs = random_docs(7, 3, 9, seed=31)
+        self.ftdata = random_pairs(6, (2, 4), (1, 4), seed=32)
+        self.queries = random_pairs(3, (2, 4), (2, 3), seed=33)
+        self.pt_f = fit_ekfac(self.pt, self.specs, self.docs, FitSettings(batch_size=3), PAD)
+        self.ft_f = fit_ekfac(self.ft, self.specs, self.ftdata, FitSettings(batch_size=3, seed=1), PAD)
+        self.grad_m = [sequence_grads(self.ft, self.specs, fn) for fn in loss_closures(self.ft, self.queries)]
+        self.grad_pt = [sequence_grads(self.pt, self.specs, fn) for fn in loss_closures(self.pt, self.docs)]
+        self.grad_ft = [sequence_grads(self.ft, self.specs, fn) for fn in loss_closures(self.ft, self.docs)]
+
+    def stack(self, grads):
+        return {n: torch.stack([g[n] for g in grads]) for n in self.names}
+
+    def explicit(self, left: dict, right: dict) -> np.ndarray:
+        """[N, Q] = Σ_modules ⟨right[n], left[q]⟩ from stacked per-example matrices."""
+        return sum(torch.einsum("npd,qpd->nq", right[n].double(), left[n].double()) for n in self.names).numpy()
+
+
+@functools.cache
+def world(arch: str) -> World:
+    return World(arch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_measurement_gradients_match_brute_force(arch):
+    w = world(arch)
+    grads = measurement_gradients(w.ft, w.specs, w.queries, batch_size=2, pad_id=PAD)
+    want = w.stack(w.grad_m)
+    for n in w.names:
+        assert rel_err(grads[n], want[n]) < 1e-9, n
+    # batch size and padding change nothing
+    again = measurement_gradients(w.ft, w.specs, w.queries, batch_size=1, pad_id=5)
+    for n in w.names:
+        assert rel_err(again[n], grads[n]) < 1e-10
+
+
+@pytest.mark.parametrize("strategy", ["gradient", "low_rank"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ss_if_equals_explicit_computation(arch, strategy):
+    """SS-IF = ⟨P_ft ∇m, ∇ℓ(z; θ_ft)⟩ with candidate gradients materialised by autograd."""
+    w = world(arch)
+    gm = w.stack(w.grad_m)
+    p_m = {n: explicit_precondition(w.ft_f, n, gm[n], DAMP_FT) for n in w.names}
+    want = w.explicit(p_m, w.stack(w.grad_ft))
+    grads = measurement_gradients(w.ft, w.specs, w.queries, batch_size=2, pad_id=PAD)
+    rank = FULL_RANK if strategy == "low_rank" else 0
+    ih = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT, rank=rank)
+    res = score_documents(w.ft, ih, w.docs, batch_size=3, pad_id=PAD, strategy=strategy)
+    assert res.scores.shape == (len(w.docs), len(w.queries))
+    assert rel_err(res.scores, want) < 1e-8
+    assert rel_err(res.losses, [lm_loss(w.ft, d, m).item() for d, m in zip(w.docs.input_ids, w.docs.loss_mask)]) < 1e-10
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_ms_if_equals_the_papers_double_preconditioning(arch):
+    """MS-IF = ⟨P_ft ∇m(θ_ft), P_pt ∇ℓ(z; θ_pt)⟩ (paper eq. 12): the candidate side preconditioned explicitly."""
+    w = world(arch)
+    gm = w.stack(w.grad_m)
+    gz = w.stack(w.grad_pt)
+    p_m = {n: explicit_precondition(w.ft_f, n, gm[n], DAMP_FT) for n in w.names}
+    p_z = {n: explicit_precondition(w.pt_f, n, gz[n], DAMP_PT) for n in w.names}
+    want = w.explicit(p_m, p_z)
+    grads = measurement_gradients(w.ft, w.specs, w.queries, batch_size=2, pad_id=PAD)
+    for rank, strategy in ((0, "gradient"), (FULL_RANK, "low_rank"), (FULL_RANK, "gradient")):
+        ih = query_ihvps(grads, w.specs, "ms_if", ft_factors=w.ft_f, pt_factors=w.pt_f, damping_ft=DAMP_FT,
+                         damping_pt=DAMP_PT, rank=rank)
+        res = score_documents(w.pt, ih, w.docs, batch_size=3, pad_id=PAD, strategy=strategy)
+        assert rel_err(res.scores, want) < 1e-8, (rank, strategy)
+    # the test can tell the published errors apart: no P_pt, or the candidate scored on θ_ft
+    assert rel_err(w.explicit(p_m, gz), want) > 0.05
+    assert rel_err(w.explicit(p_m, {n: explicit_precondition(w.pt_f, n, w.stack(w.grad_ft)[n], DAMP_PT)
+                                     for n in w.names}), want) > 0.01
+    # swapping the two stages' damping is visible too
+    ih = query_ihvps(grads, w.specs, "ms_if", ft_factors=w.ft_f, pt_factors=w.pt_f, damping_ft=DAMP_PT,
+                     damping_pt=DAMP_FT)
+    assert rel_err(score_documents(w.pt, ih, w.docs, batch_size=3, pad_id=PAD).scores, want) > 0.01
+
+
+def test_gdp_is_the_raw_gradient_dot_product():
+    w = world("gpt2")
+    want = w.explicit(w.stack(w.grad_m), w.stack(w.grad_pt))
+    grads = measurement_gradients(w.ft, w.specs, w.queries, pad_id=PAD)
+    res = score_documents(w.pt, query_ihvps(grads, w.specs, "gdp"), w.docs, batch_size=2, pad_id=PAD)
+    assert rel_err(res.scores, want) < 1e-9
+
+
+def test_rank_r_query_ihvps():
+    w = world("gpt_neox")
+    grads = measurement_gradients(w.ft, w.specs, w.queries, pad_id=PAD)
+    dense = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT)
+    full = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT, rank=FULL_RANK)
+    r2 = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT, rank=2)
+    for s in w.specs:
+        assert rel_err(full.matrix(s.name), dense.matrix(s.name)) < 1e-10
+        m2 = r2.matrix(s.name).reshape(3, s.n_blocks, s.p, s.d)
+        exact = dense.matrix(s.name).reshape(3, s.n_blocks, s.p, s.d)
+        sv = torch.linalg.svdvals(exact)
+        assert (torch.linalg.matrix_rank(m2) <= 2).all()
+        # Eckart–Young: the best rank-2 approximation leaves exactly the trailing singular values
+        err = torch.linalg.matrix_norm(exact - m2)
+        torch.testing.assert_close(err, sv[..., 2:].norm(dim=-1), rtol=1e-8, atol=1e-12)
+    exact_scores = score_documents(w.ft, dense, w.docs, batch_size=3, pad_id=PAD).scores
+    full_scores = score_documents(w.ft, full, w.docs, batch_size=3, pad_id=PAD, strategy="low_rank").scores
+    assert rel_err(full_scores, exact_scores) < 1e-9
+    low = score_documents(w.ft, r2, w.docs, batch_size=3, pad_id=PAD, strategy="low_rank").scores
+    via_grad = score_documents(w.ft, r2, w.docs, batch_size=3, pad_id=PAD, strategy="gradient").scores
+    want = w.explicit({n: r2.matrix(n) for n in w.names}, w.stack(w.grad_ft))
+    assert rel_err(low, want) < 1e-9 and rel_err(via_grad, want) < 1e-9
+    assert rel_err(low, exact_scores) > 1e-4  # rank 2 is an approximation here
+
+
+def test_batch_size_and_padding_do_not_change_scores():
+    w = world("bloom")
+    grads = measurement_gradients(w.ft, w.specs, w.queries, pad_id=PAD)
+    ih = query_ihvps(grads, w.specs, "ms_if", ft_factors=w.ft_f, pt_factors=w.pt_f, damping_ft=DAMP_FT,
+                     damping_pt=DAMP_PT, rank=3)
+    ref = score_documents(w.pt, ih, w.docs, batch_size=1, pad_id=PAD)
+    for bs, pad, strategy in ((3, PAD, "gradient"), (7, 11, "low_rank"), (2, 30, "auto")):
+        res = score_documents(w.pt, ih, w.docs, batch_size=bs, pad_id=pad, strategy=strategy)
+        assert rel_err(res.by_block, ref.by_block) < 1e-9
+        np.testing.assert_allclose(res.losses, ref.losses, rtol=1e-12)
+
+
+def test_per_block_scores_are_labelled_and_add_up():
+    w = world("llama")
+    grads = measurement_gradients(w.ft, w.specs, w.queries, pad_id=PAD)
+    ih = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT)
+    res = score_documents(w.ft, ih, w.docs, batch_size=4, pad_id=PAD)
+    blocks = discover_blocks(w.ft)
+    assert res.block_names == [b.name for b in blocks]
+    assert res.block_kinds == [b.kind for b in blocks]
+    gz = w.stack(w.grad_ft)
+    specs = {s.name: s for s in w.specs}
+    for k, b in enumerate(blocks):
+        rows = slice(b.row_start, b.row_stop)
+        want = torch.einsum("npd,qpd->nq", gz[b.module_name][:, rows], ih.matrix(b.module_name)[:, rows])
+        assert rel_err(res.by_block[:, k], want) < 1e-8, b.name
+        assert specs[b.module_name].blocks[[x.name for x in specs[b.module_name].blocks].index(b.name)] == b
+    np.testing.assert_allclose(res.by_block.sum(axis=1), res.scores, rtol=1e-12)
+    np.testing.assert_allclose(res.part("mlp") + res.part("mha"), res.scores, rtol=1e-10, atol=1e-14)
+    assert np.abs(res.part("mlp")).sum() > 0 and np.abs(res.part("mha")).sum() > 0
+
+
+def test_save_load_round_trips(tmp_path):
+    w = world("gpt_neox")
+    path = w.pt_f.save(tmp_path / "factors")
+    fp = fingerprint(w.pt, w.specs)
+    back = Factors.load(path, expect_fingerprint=fp)
+    assert back.manifest["fingerprint"] == fp and back.specs == w.pt_f.specs
+    for n in w.names:
+        for a, b in ((back.q_a, w.pt_f.q_a), (back.q_s, w.pt_f.q_s), (back.lam, w.pt_f.lam)):
+            torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)
+    w.pt_f.save(tmp_path / "factors")  # overwriting is fine
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["factors"]
+    grads = measurement_gradients(w.ft, w.specs, w.queries, pad_id=PAD)
+    for rank in (0, 2):
+        ih = query_ihvps(grads, w.specs, "ms_if", ft_factors=w.ft_f, pt_factors=back, damping_ft=DAMP_FT,
+                         damping_pt=DAMP_PT, rank=rank)
+        ih2 = QueryIHVPs.load(ih.save(tmp_path / f"ihvp{rank}"))
+        assert (ih2.method, ih2.rank, ih2.n_queries, ih2.specs) == ("ms_if", rank, 3, ih.specs)
+        assert ih2.manifest["damping_pt"] == DAMP_PT and ih2.manifest["damping_ft"] == DAMP_FT
+        a = score_documents(w.pt, ih, w.docs, batch_size=3, pad_id=PAD).scores
+        b = score_documents(w.pt, ih2, w.docs, batch_size=3, pad_id=PAD).scores
+        np.testing.assert_array_equal(a, b)
+
+
+def test_finetune_with_a_replaced_classification_head(tmp_path):
+    """θ_ft = the pre-trained backbone (perturbed) under a new 3-way classifier head: MS-IF runs over the
+    shared backbone blocks and equals the explicit computation with m = −log p(label | x)."""
+    from transformers import GPTNeoXForSequenceClassification
+
+    pt = tiny_model("gpt_neox", seed=8)
+    cfg = copy.deepcopy(pt.config)
+    cfg.num_labels = 3
+    cfg.pad_token_id = 2  # as fine-tunes often do (eos as pad), while the tokenizer's own pad id is 0
+    cls = GPTNeoXForSequenceClassification(cfg)
+    cls.gpt_neox.load_state_dict(perturbed_copy(pt, 0.05).gpt_neox.state_dict())
+    cls = cls.double().eval()
+    pt.save_pretrained(tmp_path / "pt")
+    cls.save_pretrained(tmp_path / "ft")
+    _word_tokenizer().save_pretrained(tmp_path / "ft")
+
+    settings = AttributionSettings(fisher="empirical", batch_size=3, damping_finetune=1e-3,
+                                   damping_pretrain="relative:0.1")
+    pt_stage, ft_stage = load_stages(tmp_path / "pt", tmp_path / "ft", settings, dtype=torch.float64)
+    assert ft_stage.loaded.task == "sequence_classification" and pt_stage.loaded.task == "causal_lm"
+    assert ft_stage.loaded.tokenizer.pad_token_id == 0 and ft_stage.pad_id == 2  # the head finds rows' ends by 2
+    assert pt_stage.loaded.tokenizer is None  # saved without one: no invented tokenizer
+    names = [s.name for s in ft_stage.specs]
+    assert names == [s.name for s in pt_stage.specs] == [s.name for s in discover_modules(pt)]
+    assert all(n.startswith("gpt_neox.layers.") for n in names)
+
+    docs = random_docs(6, 3, 8, seed=41)
+    ftdata = with_labels(random_pairs(6, (2, 4), (1, 3), seed=42), 3, seed=43)
+    queries = with_labels(random_pairs(3, (2, 4), (1, 3), seed=44), 3, seed=45)
+    ft_f = fit_stage_factors(ft_stage, ftdata, settings)
+    pt_f = fit_stage_factors(pt_stage, docs, settings)
+    grads = measurement_gradients(ft_stage.model, ft_stage.specs, queries, 2, ft_stage.pad_id)
+    res = score_method("ms_if", pt_stage, ft_stage, grads, docs, settings, pt_f, ft_f)
+
+    ft_model, pt_model = ft_stage.model, pt_stage.model
+    specs = ft_stage.specs
+    gm = [sequence_grads(ft_model, specs, fn) for fn in loss_closures(ft_model, queries)]
+    gz = [sequence_grads(pt_model, specs, fn) for fn in loss_closures(pt_model, docs)]
+    for q in range(3):
+        for n in names:
+            assert rel_err(grads[n][q], gm[q][n]) < 1e-9
+    want = np.zeros((len(docs), 3))
+    for n in names:
+        pm = explicit_precondition(ft_f, n, torch.stack([g[n] for g in gm]), 1e-3)
+        pz = explicit_precondition(pt_f, n, torch.stack([g[n] for g in gz]), "relative:0.1")
+        want += torch.einsum("npd,qpd->nq", pz, pm).numpy()
+    assert rel_err(res.scores, want) < 1e-8
+    # the classifier fine-tune's factors are those of its label loss (m), fitted on its own examples
+    bf_lam = sum(float((g[names[-1]] ** 2).sum()) for g in
+                 (sequence_grads(ft_model, specs, fn) for fn in loss_closures(ft_model, ftdata))) / len(ftdata)
+    assert abs(float(ft_f.lam[names[-1]].sum()) - bf_lam) < 1e-9 * bf_lam
+    with pytest.raises(ValueError, match="classification head"):
+        score_method("ss_if", pt_stage, ft_stage, grads, docs, settings, pt_f, ft_f)
+
+
+# ----------------------------------------------------------------------------------- one-call API
+
+def _word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2} | {f"w{i}": i for i in range(FIRST_TOKEN, VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def _text(ids):
+    return " ".join(f"w{i}" for i in ids)
+
+
+def test_attribute_end_to_end(tmp_path):
+    """The public one-call API on two saved checkpoints equals the explicit computations (float32)."""
+    pt = tiny_model("gpt_neox", seed=9)
+    ft = perturbed_copy(pt, 0.05)
+    tok = _word_tokenizer()
+    for m, d in ((pt, "pt"), (ft, "ft")):
+        m.float().save_pretrained(tmp_path / d)
+        tok.save_pretrained(tmp_path / d)
+        m.double()
+    docs = random_docs(6, 3, 8, seed=51)
+    pairs = random_pairs(5, (2, 3), (1, 3), seed=52)
+    queries = random_pairs(2, (2, 3), (2, 3), seed=53)
+    split = [m.index(True) for m in queries.loss_mask]
+    documents = [(f"d{i}", _text(x)) for i, x in enumerate(docs.input_ids)]
+    finetuning = [(_text(x[:m.index(True)]), " " + _text(x[m.index(True):]))
+                  for x, m in zip(pairs.input_ids, pairs.loss_mask)]
+    qs = [(f"q{i}", _text(x[:k]), " " + _text(x[k:])) for i, (x, k) in enumerate(zip(queries.input_ids, split))]
+    settings = AttributionSettings(fisher="true", batch_size=3, damping_finetune=1e-1, damping_pretrain=1e-2,
+                                   max_length=16, seed=3)
+    table = attribute(tmp_path / "pt", tmp_path / "ft", documents, finetuning, qs, settings)
+
+    assert set(table.method) == {"ms_if", "ss_if", "gdp"} and len(table) == 3 * 6 * 2
+    # the tokenizer reproduces our ids, so the brute force below sees the same data
+    enc_docs = encode_documents(tok, [t for _, t in documents], 16)
+    enc_pairs = encode_pairs(tok, [p for p, _ in finetuning], [c for _, c in finetuning], 16)
+    assert enc_docs.input_ids == docs.input_ids and enc_pairs.input_ids == pairs.input_ids
+    assert enc_pairs.loss_mask == pairs.loss_mask
+    pt32, ft32 = pt.float(), ft.float()
+    specs = discover_modules(pt32)
+    fs = settings.fit_settings()
+    pt_f = fit_ekfac(pt32, specs, docs, fs, PAD)
+    ft_f = fit_ekfac(ft32, specs, pairs, fs, PAD)
+    pt64, ft64 = pt32.double(), ft32.double()
+    names = [s.name for s in specs]
+    gm = [sequence_grads(ft64, specs, fn) for fn in loss_closures(ft64, queries)]
+    gz_pt = [sequence_grads(pt64, specs, fn) for fn in loss_closures(pt64, docs)]
+    gz_ft = [sequence_grads(ft64, specs, fn) for fn in loss_closures(ft64, docs)]
+    stack = lambda gs, n: torch.stack([g[n] for g in gs])  # noqa: E731
+    want = {"gdp": 0, "ss_if": 0, "ms_if": 0}
+    for n in names:
+        pm = explicit_precondition(ft_f, n, stack(gm, n), 1e-1)
+        want["gdp"] = want["gdp"] + torch.einsum("npd,qpd->nq", stack(gz_pt, n), stack(gm, n)).numpy()
+        want["ss_if"] = want["ss_if"] + torch.einsum("npd,qpd->nq", stack(gz_ft, n), pm).numpy()
+        pz = explicit_precondition(pt_f, n, stack(gz_pt, n), 1e-2)
+        want["ms_if"] = want["ms_if"] + torch.einsum("npd,qpd->nq", pz, pm).numpy()
+    for method, w in want.items():
+        t = table[table.method == method]
+        got = t.pivot(index="doc_id", columns="query_id", values="score").loc[[d for d, _ in documents],
+                                                                              [q for q, _, _ in qs]]
+        assert rel_err(got.to_numpy(), w) < 1e-4, method
+        np.testing.assert_allclose(t.mlp_score + t.mha_score, t.score, rtol=1e-5, atol=1e-9)
+        for _, g in t.groupby("query_id"):
+            assert list(g.sort_values("rank").score) == sorted(g.score, reverse=True)

@@ -172,12 +172,11 @@ def covariance_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded,
         for batch in iter_batches(encoded, settings.batch_size, _pad(model, pad_id)):
             batch = batch.to(dev)
             cap = forward_backward(model, specs, batch, settings.fisher, gen)
-            keep = batch.attention_mask.bool()
-            n = int(keep.sum())
+            n = batch.n_tokens
             tokens += n
-            for s in specs:
-                a = cap.a[s.name][keep]  # [N, d]
-                ds = cap.ds[s.name][keep].view(n, s.n_blocks, s.p)
+            for s in specs:  # padding rows of a and ds are zero, so they add nothing
+                a = cap.a[s.name].reshape(-1, s.d)
+                ds = cap.ds[s.name].reshape(-1, s.n_blocks, s.p)
                 a_sum[s.name] += (a.t() @ a).to(acc)
                 s_sum[s.name] += torch.einsum("nbp,nbq->bpq", ds, ds).to(acc)
             prog.step(len(batch.index), n)

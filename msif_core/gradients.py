@@ -60,22 +60,32 @@ def analysed_grads_only(model: nn.Module, specs: list[ModuleSpec]) -> Iterator[N
             p.requires_grad_(saved[n])
 
 
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row from softmax(logits) [N, V] by inverting the cumulative distribution.
+
+    One uniform number per row (from ``generator``, in row order): cheaper than ``torch.multinomial``
+    over a large vocabulary, and reproducible.
+    """
+    with torch.no_grad():
+        cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
+        u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
+
+
 def token_losses(logits: torch.Tensor, batch: Batch, fisher: str = "empirical",
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-sequence summed next-token cross-entropy over target tokens, shape [B].
 
     The logits at position t predict token t+1. ``fisher="true"`` samples each target from the
-    model's own predictive distribution at that position (softmax of the logits at t), detached;
+    model's own predictive distribution at that position (softmax of the logits at t, drawn with
+    :func:`sample_from_logits` over the target positions in row-major order), detached;
     ``"empirical"`` uses the data's tokens.
     """
     pred = logits[:, :-1]
     mask = batch.loss_mask[:, 1:]
     if fisher == "true":
-        with torch.no_grad():
-            probs = torch.softmax(pred[mask].double(), dim=-1)
-            sampled = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         target = batch.input_ids[:, 1:].clone()
-        target[mask] = sampled.to(target.device)
+        target[mask] = sample_from_logits(pred[mask].detach(), generator).to(target.device)
     elif fisher == "empirical":
         target = batch.input_ids[:, 1:]
     else:
@@ -91,8 +101,7 @@ def label_losses(logits: torch.Tensor, batch: Batch, fisher: str = "empirical",
         raise ValueError("a classification model needs labels in the batch")
     target = batch.labels
     if fisher == "true":
-        with torch.no_grad():
-            target = torch.multinomial(torch.softmax(logits.double(), -1), 1, generator=generator).squeeze(1)
+        target = sample_from_logits(logits.detach(), generator)
     return F.cross_entropy(logits, target.to(logits.device), reduction="none")
 
 
@@ -113,14 +122,18 @@ def forward_backward(model: nn.Module, specs: list[ModuleSpec], batch: Batch, fi
         loss = per_seq.sum()
         names = [s.name for s in specs]
         grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
-    keep = batch.attention_mask.unsqueeze(-1).to(logits.dtype)
+    keep = batch.attention_mask.unsqueeze(-1).to(next(iter(inputs.values())).dtype)
     a: dict[str, torch.Tensor] = {}
     ds: dict[str, torch.Tensor] = {}
     for s, g in zip(specs, grads):
         x = inputs[s.name]
-        if s.has_bias:
-            x = torch.cat([x, torch.ones_like(x[..., :1])], dim=-1)
-        a[s.name] = x * keep.to(x.dtype)
+        if s.has_bias:  # [a, 1] on real tokens, zeros on padding, in one pass
+            xb = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
+            torch.mul(x, keep, out=xb[..., :-1])
+            xb[..., -1:] = keep
+            a[s.name] = xb
+        else:
+            a[s.name] = x * keep
         ds[s.name] = torch.zeros_like(outputs[s.name]) if g is None else g.detach()
     return Captured(a, ds, loss.detach(), per_seq.detach())
 

@@ -17,6 +17,7 @@ import torch
 
 from msif_core.data import Encoded
 from msif_core.ekfac import Factors
+from msif_core.gradients import sample_from_logits
 from msif_core.models import ModuleSpec, block_matrix
 
 VOCAB = 37
@@ -165,7 +166,7 @@ def sampled_targets(model, encoded: Encoded, batch_size: int, generator: torch.G
     """Replay of the true-Fisher draws: y_t ~ softmax(logits at t−1) as the target of position t.
 
     The draws follow the documented contract of ``FitSettings.generator`` and ``iter_batches``: batches
-    of ``batch_size`` examples in order of length (stable), one ``torch.multinomial`` call per batch over
+    of ``batch_size`` examples in order of length (stable), one ``sample_from_logits`` call per batch over
     the target positions in row-major order (example, then position). The probabilities come from each
     sequence's own unpadded forward pass.
     """
@@ -182,7 +183,7 @@ def sampled_targets(model, encoded: Encoded, batch_size: int, generator: torch.G
                 if mask[t]:
                     rows.append(torch.softmax(logits[t - 1].double(), dim=-1))
                     where.append((i, t))
-        draws = torch.multinomial(torch.stack(rows), 1, generator=generator).squeeze(1)
+        draws = sample_from_logits(torch.stack(rows).log(), generator)
         for (i, t), y in zip(where, draws.tolist()):
             targets[i][t] = y
     return targets
@@ -190,7 +191,7 @@ def sampled_targets(model, encoded: Encoded, batch_size: int, generator: torch.G
 
 def sampled_labels(model, encoded: Encoded, batch_size: int, generator: torch.Generator) -> list[int]:
     """Replay of the true-Fisher draws for a classification head: y ~ softmax(logits of x), one
-    ``torch.multinomial`` call per batch (batches as in ``sampled_targets``)."""
+    ``sample_from_logits`` call per batch (batches as in ``sampled_targets``)."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded.input_ids[i]))
     labels = [0] * len(encoded)
     for start in range(0, len(order), batch_size):
@@ -198,7 +199,7 @@ def sampled_labels(model, encoded: Encoded, batch_size: int, generator: torch.Ge
         with torch.no_grad():
             probs = [torch.softmax(model(input_ids=torch.tensor([encoded.input_ids[i]])).logits[0].double(), -1)
                      for i in chunk]
-        for i, y in zip(chunk, torch.multinomial(torch.stack(probs), 1, generator=generator).squeeze(1).tolist()):
+        for i, y in zip(chunk, sample_from_logits(torch.stack(probs).log(), generator).tolist()):
             labels[i] = y
     return labels
 

@@ -94,6 +94,36 @@ def token_losses(logits: torch.Tensor, batch: Batch, fisher: str = "empirical",
     return (ce.view(mask.shape) * mask).sum(dim=1)
 
 
+def lm_loss_and_grad(logits: torch.Tensor, batch: Batch, fisher: str = "empirical",
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed target cross-entropy [B] and its gradient with respect to ``logits``.
+
+    The same quantity as :func:`token_losses`, with the gradient written out (softmax − one-hot on
+    target positions, zero elsewhere) so that the softmax is computed once and shared with the
+    true-Fisher draw (same draws, same order as :func:`token_losses`).
+    """
+    mask = batch.loss_mask[:, 1:]
+    probs = torch.softmax(logits[:, :-1], dim=-1)
+    target = batch.input_ids[:, 1:].clone()
+    if fisher == "true":
+        rows = probs[mask]
+        with torch.no_grad():
+            cdf = rows.cumsum(dim=-1)
+            u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+            target[mask] = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
+        del rows, cdf
+    elif fisher != "empirical":
+        raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
+    p_t = probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    m = mask.to(probs.dtype)
+    per_seq = -(torch.log(p_t.clamp_min(torch.finfo(probs.dtype).tiny)) * m).sum(dim=1)
+    grad = torch.zeros_like(logits)
+    g = grad[:, :-1]
+    g.copy_(probs).scatter_add_(-1, target.unsqueeze(-1), -torch.ones_like(p_t).unsqueeze(-1))
+    g.mul_(m.unsqueeze(-1))
+    return per_seq, grad
+
+
 def label_losses(logits: torch.Tensor, batch: Batch, fisher: str = "empirical",
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Per-sequence −log p(label | x) for a classification head, shape [B]."""
@@ -115,13 +145,15 @@ def forward_backward(model: nn.Module, specs: list[ModuleSpec], batch: Batch, fi
     with _hooks(model, specs) as (inputs, outputs):
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
         logits = out.logits
+        names = [s.name for s in specs]
         if logits.dim() == 3:
-            per_seq = token_losses(logits, batch, fisher, generator)
+            per_seq, dlogits = lm_loss_and_grad(logits.detach(), batch, fisher, generator)
+            grads = torch.autograd.grad(logits, [outputs[n] for n in names], grad_outputs=dlogits,
+                                        allow_unused=True)
         else:
             per_seq = label_losses(logits, batch, fisher, generator)
+            grads = torch.autograd.grad(per_seq.sum(), [outputs[n] for n in names], allow_unused=True)
         loss = per_seq.sum()
-        names = [s.name for s in specs]
-        grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
     keep = batch.attention_mask.unsqueeze(-1).to(next(iter(inputs.values())).dtype)
     a: dict[str, torch.Tensor] = {}
     ds: dict[str, torch.Tensor] = {}

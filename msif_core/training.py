@@ -166,7 +166,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 2048, kind: str = "b
 
 def make_model(params: ModelParams, vocab_size: int, pad_token_id: int, eos_token_id: int,
                seed: int = 0) -> nn.Module:
-    """A freshly initialised ``GPTNeoXForCausalLM`` (dropout 0, untied embeddings), seeded."""
+    """A freshly initialised ``GPTNeoXForCausalLM`` (dropout 0, untied embeddings), seeded by ``seed``."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     if params.hidden_size % params.num_heads:
@@ -187,8 +187,9 @@ def make_model(params: ModelParams, vocab_size: int, pad_token_id: int, eos_toke
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,
     )
-    torch.manual_seed(seed)
-    return GPTNeoXForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG state
+        torch.manual_seed(seed)
+        return GPTNeoXForCausalLM(config)
 
 
 def count_parameters(model: nn.Module) -> int:

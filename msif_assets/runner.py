@@ -1,0 +1,262 @@
+"""Run the asset graph in-process: what ``msif run`` does, and what the tests drive.
+
+:class:`Pipeline` holds the definitions, a Dagster instance and the experiment. ``update()`` is the
+incremental loop a deployment's daemon would run, made synchronous:
+
+1. observe the sources (content hashes), sync the shard partitions, record new data versions;
+2. evaluate the automation conditions (``dg.evaluate_automation_conditions``) and add every missing
+   asset partition whose upstream exists;
+3. execute what was requested, in dependency order, one in-process run per (partition, group of
+   assets) — assets of one partition that depend on each other share a run;
+4. repeat 2–3 until nothing is requested. The automation cursor is kept in the instance, so a later
+   ``msif run`` sees what changed since this one.
+
+``materialize_all()`` forces every asset partition (``msif run --force``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import dagster as dg
+from dagster._serdes import deserialize_value, serialize_value
+
+from dagster_project.config import ExperimentConfig
+
+from .sources import SyncReport, sync_sources
+
+log = logging.getLogger(__name__)
+
+Unit = tuple[dg.AssetKey, str | None]  # (asset, partition key or None)
+_CURSOR = "msif/automation_cursor"
+
+
+@dataclass
+class RunRecord:
+    """One in-process Dagster run."""
+
+    partition: str | None
+    assets: list[str]
+    success: bool
+    seconds: float
+    run_id: str
+    error: str | None = None
+
+
+@dataclass
+class UpdateResult:
+    """What one ``update()`` / ``materialize_all()`` did."""
+
+    sync: SyncReport | None = None
+    runs: list[RunRecord] = field(default_factory=list)
+    ticks: int = 0
+    seconds: float = 0.0
+
+    @property
+    def materialized(self) -> set[tuple[str, str | None]]:
+        """(asset, partition) pairs materialised successfully."""
+        return {(a, r.partition) for r in self.runs if r.success for a in r.assets}
+
+    @property
+    def failures(self) -> list[RunRecord]:
+        """Failed runs."""
+        return [r for r in self.runs if not r.success]
+
+
+def _root_cause(error) -> str:
+    """The message of the user code's own exception, under Dagster's wrappers."""
+    while (error.cls_name or "").startswith("Dagster") and getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error.message.strip()
+
+
+class Pipeline:
+    """The asset graph of one experiment bound to a Dagster instance."""
+
+    def __init__(self, defs: dg.Definitions, instance: dg.DagsterInstance, cfg: ExperimentConfig,
+                 echo: Callable[[str], None] | None = None, log_level: str = "WARNING") -> None:
+        self.defs, self.instance, self.cfg = defs, instance, cfg
+        self.echo = echo or (lambda s: log.info(s))
+        self.graph = defs.resolve_asset_graph()
+        self.log_level = log_level
+        self.assets = {a.key: a for a in defs.assets if isinstance(a, dg.AssetsDefinition) and a.is_materializable}
+        self.checks = [c for c in (defs.asset_checks or [])]
+        self.resources = defs.resources or {}
+        self._order = self._topological_order()
+
+    # ---------------------------------------------------------------------------------- graph helpers
+    def _topological_order(self) -> list[dg.AssetKey]:
+        order: list[dg.AssetKey] = []
+        seen: set[dg.AssetKey] = set()
+
+        def visit(k: dg.AssetKey) -> None:
+            if k in seen:
+                return
+            seen.add(k)
+            for p in self.graph.get(k).parent_keys:
+                if p in self.assets:
+                    visit(p)
+            order.append(k)
+
+        for k in sorted(self.assets, key=lambda k: k.to_user_string()):
+            visit(k)
+        return order
+
+    def partitions_of(self, key: dg.AssetKey) -> list[str | None]:
+        """Current partition keys of an asset ([None] if unpartitioned)."""
+        pdef = self.assets[key].partitions_def
+        if pdef is None:
+            return [None]
+        return sorted(self.instance.get_dynamic_partitions(pdef.name))
+
+    def _pdef_name(self, key: dg.AssetKey) -> str | None:
+        pdef = self.assets[key].partitions_def
+        return None if pdef is None else pdef.name
+
+    def upstream_units(self, unit: Unit) -> set[Unit]:
+        """Materialisable upstream (asset, partition) units of ``unit``."""
+        key, part = unit
+        out: set[Unit] = set()
+        for p in self.graph.get(key).parent_keys:
+            if p not in self.assets:
+                continue
+            pparts = self.partitions_of(p)
+            if pparts == [None]:
+                out.add((p, None))
+            elif part is None:
+                out |= {(p, q) for q in pparts}
+            else:  # identity mapping between shard partitions
+                out |= {(p, part)} if part in pparts else set()
+        return out
+
+    def all_units(self) -> list[Unit]:
+        """Every (asset, partition) of the graph."""
+        return [(k, p) for k in self._order for p in self.partitions_of(k)]
+
+    def missing_units(self) -> set[Unit]:
+        """Asset partitions never materialised."""
+        out: set[Unit] = set()
+        for k in self._order:
+            parts = self.partitions_of(k)
+            if parts == [None]:
+                if self.instance.get_latest_materialization_event(k) is None:
+                    out.add((k, None))
+            else:
+                have = self.instance.get_materialized_partitions(k)
+                out |= {(k, p) for p in parts if p not in have}
+        return out
+
+    # ---------------------------------------------------------------------------------- execution
+    def execute(self, units: Iterable[Unit]) -> list[RunRecord]:
+        """Materialise ``units`` in dependency order; a failed unit's downstream units are skipped."""
+        pending = set(units)
+        records: list[RunRecord] = []
+        failed: set[Unit] = set()
+        rank = {k: i for i, k in enumerate(self._order)}
+        while pending:
+            ready = [u for u in pending if not (self.upstream_units(u) & pending)]
+            if not ready:  # pragma: no cover - a cycle cannot happen in an asset graph
+                raise RuntimeError(f"cannot order {pending}")
+            ready.sort(key=lambda u: (rank[u[0]], u[1] or ""))
+            first = ready[0]
+            group_def, part = self._pdef_name(first[0]), first[1]
+            group = {first}
+            grew = True
+            while grew:  # add same-partition units whose pending upstream is all in the group
+                grew = False
+                for u in sorted(pending - group, key=lambda u: rank[u[0]]):
+                    if u[1] == part and self._pdef_name(u[0]) == group_def and \
+                            (self.upstream_units(u) & pending) <= group:
+                        group.add(u)
+                        grew = True
+            pending -= group
+            if any(self.upstream_units(u) & failed for u in group):
+                failed |= group
+                self.echo(f"  skipped {', '.join(sorted(k.to_user_string() for k, _ in group))}"
+                          f"{f' [{part}]' if part else ''}: an upstream step failed")
+                continue
+            rec = self._run([k for k, _ in sorted(group, key=lambda u: rank[u[0]])], part)
+            records.append(rec)
+            if not rec.success:
+                failed |= group
+        return records
+
+    def _run(self, keys: list[dg.AssetKey], partition: str | None) -> RunRecord:
+        names = [k.to_user_string() for k in keys]
+        key_set = set(keys)
+        checks = [c for c in self.checks if {ck.asset_key for ck in c.check_keys} <= key_set]
+        t0 = time.perf_counter()
+        result = dg.materialize(
+            [self.assets[k] for k in keys] + checks, instance=self.instance, partition_key=partition,
+            resources=self.resources, raise_on_error=False,
+            run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},
+            tags={"msif/driver": "msif run"})
+        secs = time.perf_counter() - t0
+        err = None
+        if not result.success:
+            msgs = [_root_cause(e.event_specific_data.error) for e in result.all_events
+                    if e.is_step_failure and e.event_specific_data and e.event_specific_data.error]
+            err = " | ".join(msgs) or "run failed"
+        label = f"{', '.join(names)}{f' [{partition}]' if partition else ''}"
+        status = "ok  " if result.success else "FAIL"
+        self.echo(f"  {status} {label} ({secs:.1f}s)" + (f"\n       {err}" if err else ""))
+        return RunRecord(partition, names, result.success, secs, result.run_id, err)
+
+    # ---------------------------------------------------------------------------------- automation
+    def _load_cursor(self):
+        raw = self.instance.run_storage.get_cursor_values({_CURSOR}).get(_CURSOR)
+        if not raw:
+            return None
+        try:
+            return deserialize_value(raw)
+        except Exception:  # noqa: BLE001 - an unreadable cursor only costs one extra evaluation
+            return None
+
+    def _save_cursor(self, cursor) -> None:
+        self.instance.run_storage.set_cursor_values({_CURSOR: serialize_value(cursor)})
+
+    def evaluate(self) -> set[Unit]:
+        """One automation tick: the (asset, partition) units the conditions request now."""
+        r = dg.evaluate_automation_conditions(defs=self.defs, instance=self.instance, cursor=self._load_cursor())
+        self._save_cursor(r.cursor)
+        return {(ap.asset_key, ap.partition_key) for ap in r._requested_asset_partitions  # noqa: SLF001
+                if ap.asset_key in self.assets}
+
+    def sync(self) -> SyncReport:
+        """Observe the sources and record what changed (see :func:`msif_assets.sources.sync_sources`)."""
+        return sync_sources(self.instance, self.cfg)
+
+    def update(self, max_ticks: int = 40, include_missing: bool = True) -> UpdateResult:
+        """Bring every asset up to date with its sources: the automation loop, synchronously."""
+        t0 = time.perf_counter()
+        res = UpdateResult(sync=self.sync())
+        self.echo(f"sources: {res.sync.summary()}")
+        failed: set[Unit] = set()
+        for _ in range(max_ticks):
+            res.ticks += 1
+            want = self.evaluate()
+            if include_missing:
+                want |= self.missing_units()
+            want -= failed
+            if not want:
+                break
+            recs = self.execute(want)
+            res.runs += recs
+            failed |= {(dg.AssetKey(a), r.partition) for r in recs if not r.success for a in r.assets}
+            failed |= {u for u in want if self.upstream_units(u) & failed}
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def materialize_all(self) -> UpdateResult:
+        """Observe the sources, then materialise every asset partition (``msif run --force``)."""
+        t0 = time.perf_counter()
+        res = UpdateResult(sync=self.sync())
+        self.echo(f"sources: {res.sync.summary()}")
+        self.evaluate()  # start the automation cursor, so later updates compare against this state
+        res.runs = self.execute(self.all_units())
+        self.evaluate()  # consume the updates this run made (they are not changes to react to)
+        res.seconds = time.perf_counter() - t0
+        return res

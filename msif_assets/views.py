@@ -1,0 +1,135 @@
+"""``<root>/msif.duckdb``: DuckDB views over the Parquet tables, and the named queries in ``sql/``.
+
+Views (absolute paths, so ``duckdb <root>/msif.duckdb`` works from any folder):
+
+- ``documents`` (doc_id, text, shard, row), ``queries`` (query_id, prompt, completion, true_doc_ids,
+  answer, answer_correct, scored), ``candidates`` (query_id, doc_id, distance, neighbour_rank, shard);
+- ``influence_scores_by_shard``: the stored rows, with ``shard_rank`` = rank inside the shard;
+- ``influence_scores``: the same rows with ``rank`` = rank across all shards per query and method
+  (1 = most supporting: score descending, ties by doc_id);
+- ``top_influences``: the top 10 per query and method joined with the document text and the query, with
+  ``is_true_source`` where ground truth exists. It reads only rows with ``shard_rank <= 10``: a global
+  top-10 row is a top-10 row of its own shard, so the answer is exact and fast on large tables.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from .layout import Layout
+
+SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+TOP_K = 10
+RANK_ORDER = "ORDER BY score DESC, doc_id"
+
+
+def _lit(p: Path) -> str:
+    return "'" + str(p).replace("'", "''") + "'"
+
+
+def view_statements(layout: Layout) -> list[str]:
+    """The CREATE VIEW statements for ``layout``."""
+    t = layout.tables
+    docs, cands, scores = (_lit(t / d / "*.parquet") for d in ("documents", "candidates", "influence_scores"))
+    return [
+        f"CREATE OR REPLACE VIEW documents AS SELECT doc_id, text, shard, \"row\" FROM read_parquet({docs})",
+        f"CREATE OR REPLACE VIEW queries AS SELECT * FROM read_parquet({_lit(layout.queries)})",
+        f"CREATE OR REPLACE VIEW candidates AS SELECT * FROM read_parquet({cands})",
+        f"CREATE OR REPLACE VIEW influence_scores_by_shard AS SELECT * FROM read_parquet({scores})",
+        "CREATE OR REPLACE VIEW influence_scores AS SELECT query_id, doc_id, method, score, "
+        f"row_number() OVER (PARTITION BY query_id, method {RANK_ORDER}) AS rank, mlp_score, mha_score, "
+        "damping_pretrain, damping_finetune, pretrained_version, finetuned_version, shard, shard_rank, "
+        "candidate_distance FROM influence_scores_by_shard",
+        "CREATE OR REPLACE VIEW top_influences AS "
+        f"WITH top AS (SELECT *, row_number() OVER (PARTITION BY query_id, method {RANK_ORDER}) AS rank "
+        f"FROM influence_scores_by_shard WHERE shard_rank <= {TOP_K}) "
+        "SELECT t.query_id, q.prompt, q.completion, q.answer, t.method, t.rank, t.score, t.mlp_score, "
+        "t.mha_score, t.doc_id, d.text, list_contains(q.true_doc_ids, t.doc_id) AS is_true_source "
+        f"FROM top t JOIN queries q USING (query_id) JOIN documents d USING (doc_id) WHERE t.rank <= {TOP_K}",
+        "COMMENT ON VIEW influence_scores IS 'rank 1 = most supporting: score descending per query and method, "
+        "across all shards (positive score: upweighting the document lowers the completion loss)'",
+        f"COMMENT ON VIEW top_influences IS 'top {TOP_K} documents per query and method, with text'",
+    ]
+
+
+def create_database(layout: Layout) -> Path:
+    """(Re)write ``msif.duckdb`` with the views, atomically (temporary file + rename)."""
+    target = layout.database
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        con = duckdb.connect(str(tmp))
+        try:
+            for stmt in view_statements(layout):
+                con.execute(stmt)
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        Path(str(tmp) + ".wal").unlink(missing_ok=True)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+def connect(layout: Layout | Path, read_only: bool = True) -> duckdb.DuckDBPyConnection:
+    """A connection to ``msif.duckdb`` (given a layout or the file)."""
+    path = layout.database if isinstance(layout, Layout) else Path(layout)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; materialise score_tables first (msif run)")
+    return duckdb.connect(str(path), read_only=read_only)
+
+
+def named_sql(name: str) -> str:
+    """The text of ``sql/<name>.sql``."""
+    p = SQL_DIR / f"{name}.sql"
+    if not p.exists():
+        raise FileNotFoundError(f"no named query {p}; available: {sorted(f.stem for f in SQL_DIR.glob('*.sql'))}")
+    return p.read_text(encoding="utf-8")
+
+
+_SET = re.compile(r"^\s*SET\s+VARIABLE\s+(\w+)\s*=.*$", re.IGNORECASE | re.MULTILINE)
+
+
+def run_named(con: duckdb.DuckDBPyConnection, name: str, **variables) -> pd.DataFrame:
+    """Run ``sql/<name>.sql`` (its ``SET VARIABLE`` defaults overridden by ``variables``) and return the
+    result of its last statement."""
+    text = named_sql(name)
+    for k, v in variables.items():
+        text, n = re.subn(rf"^\s*SET\s+VARIABLE\s+{k}\s*=.*$", f"SET VARIABLE {k} = {v!r};", text,
+                          flags=re.IGNORECASE | re.MULTILINE)
+        if n == 0:
+            raise ValueError(f"sql/{name}.sql has no variable {k!r} (it sets {_SET.findall(text)})")
+    statements = [s for s in _split(text) if s.strip()]
+    for s in statements[:-1]:
+        con.execute(s)
+    return con.execute(statements[-1]).df()
+
+
+def _split(text: str) -> list[str]:
+    """Split SQL on semicolons outside quotes and comments."""
+    out, buf, quote, i = [], [], None, 0
+    while i < len(text):
+        ch = text[i]
+        if quote is None and text.startswith("--", i):
+            j = text.find("\n", i)
+            j = len(text) if j < 0 else j
+            buf.append(text[i:j])
+            i = j
+            continue
+        if ch in "'\"":
+            quote = None if quote == ch else (ch if quote is None else quote)
+        if ch == ";" and quote is None:
+            out.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+        i += 1
+    out.append("".join(buf))
+    return [s for s in out if re.sub(r"--[^\n]*", "", s).strip()]

@@ -52,7 +52,7 @@ def correlations(est: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
 def main() -> None:
     """Fit, solve, compare."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world", default="lakehouse/demo/world")
+    ap.add_argument("--world", default="lakehouse/demo")
     ap.add_argument("--fit", type=int, default=64, help="fitting documents (EK-FAC and the exact GGN)")
     ap.add_argument("--fisher-samples", type=int, default=8, help="true-Fisher draws per fitting document")
     ap.add_argument("--queries", type=int, default=10)

@@ -153,7 +153,7 @@ def plot(table: pd.DataFrame, path: Path) -> None:
 def main() -> None:
     """Build (or reuse) the demo world, then run the fact-tracing evaluation."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--world", default="lakehouse/demo/world", help="a built demo world (built if missing)")
+    ap.add_argument("--world", default="lakehouse/demo", help="a built demo world (built if missing)")
     ap.add_argument("--queries", type=int, default=1000, help="at most this many test queries")
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()

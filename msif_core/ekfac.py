@@ -268,9 +268,11 @@ class Factors:
         """iHVP ``Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ`` of gradients ``v`` [..., P, d] of module ``name``."""
         s = self.specs[name]
         lead = v.shape[:-2]
-        x = v.reshape(-1, s.n_blocks, s.p, s.d).to(self.lam[name].dtype)
-        qa, qs, lam = self.q_a[name], self.q_s[name], self.lam[name]
-        lam_d = lam + self.damping_for(name, damping)[:, None, None]  # a new tensor: Λ is unchanged
+        # computed in the gradients' precision (float64 factors are cast, not the other way round)
+        dt = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
+        x = v.reshape(-1, s.n_blocks, s.p, s.d).to(dt)
+        qa, qs = self.q_a[name].to(dt), self.q_s[name].to(dt)
+        lam_d = (self.lam[name] + self.damping_for(name, damping)[:, None, None]).to(dt)  # Λ is unchanged
         rot = torch.einsum("npq,mnpd,de->mnqe", qs, x, qa)
         rot = rot / lam_d
         back = torch.einsum("npq,mnqe,de->mnpd", qs, rot, qa)

@@ -292,25 +292,12 @@ class Factors:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``factors.safetensors`` and ``manifest.json`` into ``directory`` atomically."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            tensors = {}
-            for n in self.specs:
-                tensors[f"q_a/{n}"] = self.q_a[n]
-                tensors[f"q_s/{n}"] = self.q_s[n]
-                tensors[f"lam/{n}"] = self.lam[n]
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / "factors.safetensors"))
-            manifest = dict(self.manifest)
-            manifest["format"] = FACTORS_FORMAT
-            manifest["modules"] = [s.to_json() for s in self.specs.values()]
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
-            _replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        tensors = {}
+        for n in self.specs:
+            tensors |= {f"q_a/{n}": self.q_a[n], f"q_s/{n}": self.q_s[n], f"lam/{n}": self.lam[n]}
+        manifest = dict(self.manifest) | {"format": FACTORS_FORMAT,
+                                          "modules": [s.to_json() for s in self.specs.values()]}
+        return save_tensor_dir(directory, "factors.safetensors", tensors, manifest)
 
     @staticmethod
     def load(directory: str | Path, expect_fingerprint: str | None = None,
@@ -393,6 +380,23 @@ def _atomic_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, meta
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def save_tensor_dir(directory: str | Path, tensor_file: str, tensors: dict[str, torch.Tensor],
+                    manifest: dict) -> Path:
+    """Write ``tensor_file`` (safetensors) and ``manifest.json`` as a new ``directory``, atomically: built
+    in a temporary sibling and renamed into place, so a failure leaves the previous directory intact."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp / tensor_file))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        _replace_dir(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
 
 
 def _read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from .data import Encoded, iter_batches
-from .ekfac import Factors, _replace_dir
+from .ekfac import Factors, save_tensor_dir
 from .gradients import analysed_grads_only, forward_backward, sequence_gradients
 from .models import ModuleSpec
 
@@ -81,21 +79,11 @@ class QueryIHVPs:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``ihvps.safetensors`` and ``manifest.json`` atomically."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            t = ({f"dense/{k}": x for k, x in self.dense.items()} | {f"u/{k}": x for k, x in self.u.items()}
-                 | {f"v/{k}": x for k, x in self.v.items()})
-            save_file({k: x.contiguous().cpu() for k, x in t.items()}, str(tmp / "ihvps.safetensors"))
-            man = dict(self.manifest) | {"method": self.method, "rank": self.rank,
-                                         "modules": [s.to_json() for s in self.specs.values()]}
-            (tmp / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True))
-            _replace_dir(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        t = ({f"dense/{k}": x for k, x in self.dense.items()} | {f"u/{k}": x for k, x in self.u.items()}
+             | {f"v/{k}": x for k, x in self.v.items()})
+        man = dict(self.manifest) | {"method": self.method, "rank": self.rank,
+                                     "modules": [s.to_json() for s in self.specs.values()]}
+        return save_tensor_dir(directory, "ihvps.safetensors", t, man)
 
     @staticmethod
     def load(directory: str | Path, device: str | torch.device = "cpu") -> QueryIHVPs:

@@ -16,7 +16,6 @@ from core_helpers import (
 )
 
 from msif_core import ekfac as ekfac_module
-from msif_core import query as query_module
 from msif_core.api import AttributionSettings, load_stages
 from msif_core.data import Encoded, encode_documents, encode_pairs
 from msif_core.ekfac import CovarianceSums, Factors, FitSettings, covariance_sums, eigenbasis, fit_ekfac
@@ -213,7 +212,7 @@ def test_failed_saves_leave_nothing_half_written(tmp_path, small, monkeypatch):
 
     grads = measurement_gradients(model, specs, random_pairs(2, (2, 3), (1, 2), seed=2), pad_id=PAD)
     ih = query_ihvps(grads, specs, "ss_if", ft_factors=f)
-    monkeypatch.setattr(query_module, "save_file", _failing_save_file)
+    monkeypatch.setattr(ekfac_module, "save_file", _failing_save_file)
     with pytest.raises(OSError):
         ih.save(tmp_path / "ihvps")
     assert [p.name for p in tmp_path.iterdir()] == ["old"]

@@ -31,6 +31,11 @@ concurrency:
   pools:
     granularity: op
     default_limit: 1
+python_logs:                 # msif_core's progress lines (tokens/s, documents/s) in the run logs
+  python_log_level: INFO
+  managed_python_loggers:
+    - msif_core
+    - msif_assets
 telemetry:
   enabled: false
 """

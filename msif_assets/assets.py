@@ -327,7 +327,7 @@ def build_assets(cfg: ExperimentConfig, embedder_name: str = "all-MiniLM-L6-v2")
                                "distance": np.nan, "neighbour_rank": 0})
         else:
             vecs = embedder.encode((q.prompt.astype(str) + q.completion.astype(str)).tolist())
-            res = (tbl.search([v for v in vecs]).distance_type("cosine").limit(int(k)).select(["doc_id"])
+            res = (tbl.search([v for v in vecs]).distance_type("cosine").limit(int(k)).select(["doc_id", "_distance"])
                    .to_arrow().to_pandas())
             if "query_index" not in res.columns:  # a single query comes back without its index
                 res["query_index"] = 0

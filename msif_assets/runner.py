@@ -44,6 +44,7 @@ class RunRecord:
     seconds: float
     run_id: str
     error: str | None = None
+    step_seconds: float = 0.0  # time inside the steps (asset code, checks); the rest is Dagster's own
 
 
 @dataclass
@@ -200,10 +201,12 @@ class Pipeline:
             msgs = [_root_cause(e.event_specific_data.error) for e in result.all_events
                     if e.is_step_failure and e.event_specific_data and e.event_specific_data.error]
             err = " | ".join(msgs) or "run failed"
+        step_s = sum(e.event_specific_data.duration_ms / 1000 for e in result.all_events
+                     if e.event_type == dg.DagsterEventType.STEP_SUCCESS and e.event_specific_data)
         label = f"{', '.join(names)}{f' [{partition}]' if partition else ''}"
         status = "ok  " if result.success else "FAIL"
         self.echo(f"  {status} {label} ({secs:.1f}s)" + (f"\n       {err}" if err else ""))
-        return RunRecord(partition, names, result.success, secs, result.run_id, err)
+        return RunRecord(partition, names, result.success, secs, result.run_id, err, step_s)
 
     # ---------------------------------------------------------------------------------- automation
     def _load_cursor(self):

@@ -60,38 +60,34 @@ def analysed_grads_only(model: nn.Module, specs: list[ModuleSpec]) -> Iterator[N
             p.requires_grad_(saved[n])
 
 
-def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One draw per row from softmax(logits) [N, V] by inverting the cumulative distribution.
+def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of probabilities [N, V] by inverting the cumulative distribution.
 
     One uniform number per row (from ``generator``, in row order): cheaper than ``torch.multinomial``
     over a large vocabulary, and reproducible.
     """
     with torch.no_grad():
-        cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)
+        cdf = probs.cumsum(dim=-1)
         u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
         return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
 
 
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row from softmax(logits) [N, V] (see :func:`sample_from_probs`)."""
+    with torch.no_grad():
+        return sample_from_probs(torch.softmax(logits, dim=-1), generator)
+
+
 def token_losses(logits: torch.Tensor, batch: Batch, fisher: str = "empirical",
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-sequence summed next-token cross-entropy over target tokens, shape [B].
+    """Per-sequence summed next-token cross-entropy over target tokens, shape [B] (no gradient).
 
     The logits at position t predict token t+1. ``fisher="true"`` samples each target from the
     model's own predictive distribution at that position (softmax of the logits at t, drawn with
-    :func:`sample_from_logits` over the target positions in row-major order), detached;
-    ``"empirical"`` uses the data's tokens.
+    :func:`sample_from_probs` over the target positions in row-major order); ``"empirical"`` uses the
+    data's tokens. This is the loss whose gradient :func:`lm_loss_and_grad` writes out.
     """
-    pred = logits[:, :-1]
-    mask = batch.loss_mask[:, 1:]
-    if fisher == "true":
-        target = batch.input_ids[:, 1:].clone()
-        target[mask] = sample_from_logits(pred[mask].detach(), generator).to(target.device)
-    elif fisher == "empirical":
-        target = batch.input_ids[:, 1:]
-    else:
-        raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
-    ce = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
-    return (ce.view(mask.shape) * mask).sum(dim=1)
+    return lm_loss_and_grad(logits.detach(), batch, fisher, generator)[0]
 
 
 def lm_loss_and_grad(logits: torch.Tensor, batch: Batch, fisher: str = "empirical",
@@ -100,18 +96,13 @@ def lm_loss_and_grad(logits: torch.Tensor, batch: Batch, fisher: str = "empirica
 
     The same quantity as :func:`token_losses`, with the gradient written out (softmax − one-hot on
     target positions, zero elsewhere) so that the softmax is computed once and shared with the
-    true-Fisher draw (same draws, same order as :func:`token_losses`).
+    true-Fisher draw.
     """
     mask = batch.loss_mask[:, 1:]
     probs = torch.softmax(logits[:, :-1], dim=-1)
     target = batch.input_ids[:, 1:].clone()
     if fisher == "true":
-        rows = probs[mask]
-        with torch.no_grad():
-            cdf = rows.cumsum(dim=-1)
-            u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-            target[mask] = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
-        del rows, cdf
+        target[mask] = sample_from_probs(probs[mask], generator)
     elif fisher != "empirical":
         raise ValueError(f"fisher must be 'true' or 'empirical', got {fisher!r}")
     p_t = probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)

@@ -6,6 +6,11 @@ Fitting has two streaming passes, each a sum that can be computed per shard and 
    then ``Q_A``, ``Q_S`` from ``torch.linalg.eigh`` in float64 (:func:`eigenbasis`);
 2. Λ pass: ``Λ = mean_n (Q_Sᵀ DW_n Q_A)²`` over sequences n, with ``DW_n = Σ_t ds_t a_tᵀ``.
 
+Both passes use the same gradients: with the true Fisher, the Λ pass replays the covariance pass's
+seeded draws. So :func:`fit_ekfac` keeps what the Λ pass needs from the covariance pass in memory
+(:class:`PassCache`, up to ``FitSettings.cache_mib``) and runs a second forward/backward only for the
+batches that did not fit; the result is the same either way.
+
 Per module, the stored factors are ``Q_A`` [d, d], ``Q_S`` [blocks, p, p] and ``Λ`` [blocks, p, d]:
 d² + Σ p² + d·P numbers. Damping is added only when preconditioning, never into ``Λ``.
 """
@@ -45,11 +50,15 @@ class FitSettings:
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward/backward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the true-Fisher target sampling."})
     shard: int = field(default=0, metadata={"help": "Shard index, mixed into the seed per shard."})
+    cache_mib: int = field(default=1024, metadata={
+        "help": "Memory (MiB) for keeping the covariance pass's gradients so that the Λ pass needs no second "
+                "forward/backward over them; 0 always recomputes. Results do not depend on it."})
 
-    def generator(self, pass_id: int, device: torch.device | str = "cpu") -> torch.Generator:
-        """A seeded generator for one pass of one shard."""
+    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
+        """The seeded generator of one shard's true-Fisher draws; each pass starts a fresh one, so both
+        passes draw the same targets."""
         g = torch.Generator(device=device)
-        g.manual_seed(self.seed * 1_000_003 + self.shard * 7919 + pass_id)
+        g.manual_seed(self.seed * 1_000_003 + self.shard * 7919 + 1)
         return g
 
 
@@ -155,9 +164,66 @@ class Eigenbasis:
                           {k[4:]: v for k, v in t.items() if k.startswith("q_s/")}, int(meta["tokens"]))
 
 
+class PassCache:
+    """What the Λ pass needs from the first batches of the covariance pass, kept within a memory budget.
+
+    Per batch and module: the sequence gradients ``Σ_t ds_t a_tᵀ`` [B, P, d] when the Λ pass would form
+    them anyway (long sequences), else the token ``a`` and ``ds``. ``state`` is the generator state after
+    the last cached batch, from where the Λ pass resumes the draws for the batches it recomputes.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget, self.used = budget_bytes, 0
+        self.batches: list[dict[str, tuple[torch.Tensor, ...]]] = []
+        self.state: torch.Tensor | None = None
+        self.full = budget_bytes <= 0
+
+    def offer(self, entry: dict[str, tuple[torch.Tensor, ...]], state: torch.Tensor) -> None:
+        """Keep one batch's entry if it fits; after the first refusal keep nothing more."""
+        if self.full:
+            return
+        size = sum(t.numel() * t.element_size() for ts in entry.values() for t in ts)
+        if self.used + size > self.budget:
+            self.full = True
+            return
+        self.batches.append(entry)
+        self.used += size
+        self.state = state
+
+
+def _per_sequence_branch(s: ModuleSpec, t: int) -> bool:
+    """Whether the Λ pass forms each sequence's gradient and rotates it once (cost P·d·(p + d)) rather
+    than rotating every token's a and ds (cost T·(d² + P·p))."""
+    return t * (s.d * s.d + s.out_features * s.p) >= s.out_features * s.d * (s.p + s.d)
+
+
+def _lambda_inputs(s: ModuleSpec, a: torch.Tensor, ds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """What the Λ pass needs of one module's captures [B, T, ·]: (sequence gradients,) or (a, ds)."""
+    if _per_sequence_branch(s, a.shape[1]):
+        return (torch.einsum("btp,btd->bpd", ds, a),)
+    return a, ds
+
+
+def _add_lambda(lam: torch.Tensor, s: ModuleSpec, inputs: tuple[torch.Tensor, ...], qa: torch.Tensor,
+                qs: torch.Tensor) -> None:
+    """lam += Σ_n (Q_Sᵀ DW_n Q_A)² over the batch's sequences n."""
+    if len(inputs) == 1:  # long sequences: rotate each sequence's gradient once
+        g = inputs[0].view(-1, s.n_blocks, s.p, s.d)
+        g = torch.einsum("npq,bnpd,de->bnqe", qs, g, qa)
+    else:  # short sequences: rotate each token's a and ds, then sum over tokens
+        a, ds = inputs
+        ds = ds.view(*ds.shape[:2], s.n_blocks, s.p)
+        g = torch.einsum("btnq,btd->bnqd", torch.einsum("btnp,npq->btnq", ds, qs), a @ qa)
+    lam += (g * g).sum(0).to(torch.float64)
+
+
 def covariance_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded,
-                    settings: FitSettings, pad_id: int | None = None) -> CovarianceSums:
-    """First pass: Σ_t a aᵀ per module and Σ_t ds dsᵀ per block over non-padding tokens."""
+                    settings: FitSettings, pad_id: int | None = None,
+                    cache: PassCache | None = None) -> CovarianceSums:
+    """First pass: Σ_t a aᵀ per module and Σ_t ds dsᵀ per block over non-padding tokens.
+
+    With ``cache``, also keeps what :func:`lambda_sums` needs for as many batches as its budget allows.
+    """
     if len(encoded) == 0:
         raise ValueError("cannot fit EK-FAC factors on an empty data set")
     encoded = _limit(encoded, settings.max_examples)
@@ -165,7 +231,7 @@ def covariance_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded,
     acc = torch.float64
     a_sum = {s.name: torch.zeros(s.d, s.d, dtype=acc, device=dev) for s in specs}
     s_sum = {s.name: torch.zeros(s.n_blocks, s.p, s.p, dtype=acc, device=dev) for s in specs}
-    gen = settings.generator(1, dev)
+    gen = settings.generator(dev)
     prog = _Progress("EK-FAC covariance pass", len(encoded))
     tokens = 0
     with analysed_grads_only(model, specs):
@@ -179,6 +245,9 @@ def covariance_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded,
                 ds = cap.ds[s.name].reshape(-1, s.n_blocks, s.p)
                 a_sum[s.name] += (a.t() @ a).to(acc)
                 s_sum[s.name] += torch.einsum("nbp,nbq->bpq", ds, ds).to(acc)
+            if cache is not None and not cache.full:
+                cache.offer({s.name: _lambda_inputs(s, cap.a[s.name], cap.ds[s.name]) for s in specs},
+                            gen.get_state())
             prog.step(len(batch.index), n)
     return CovarianceSums(a_sum, s_sum, tokens, len(encoded))
 
@@ -210,8 +279,12 @@ def eigenbasis(sums: CovarianceSums, specs: list[ModuleSpec] | None = None) -> E
 
 
 def lambda_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, basis: Eigenbasis,
-                settings: FitSettings, pad_id: int | None = None) -> LambdaSums:
-    """Second pass: Σ_n (Q_Sᵀ DW_n Q_A)² per block, n over sequences."""
+                settings: FitSettings, pad_id: int | None = None, cache: PassCache | None = None) -> LambdaSums:
+    """Second pass: Σ_n (Q_Sᵀ DW_n Q_A)² per block, n over sequences.
+
+    The gradients are the covariance pass's (same batches, same draws): taken from ``cache`` for the
+    batches it holds, recomputed for the rest.
+    """
     if len(encoded) == 0:
         raise ValueError("cannot fit EK-FAC factors on an empty data set")
     encoded = _limit(encoded, settings.max_examples)
@@ -220,27 +293,25 @@ def lambda_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, bas
     lam = {s.name: torch.zeros(s.n_blocks, s.p, s.d, dtype=torch.float64, device=dev) for s in specs}
     qa = {s.name: basis.q_a[s.name].to(dev, dtype) for s in specs}
     qs = {s.name: basis.q_s[s.name].to(dev, dtype) for s in specs}
-    gen = settings.generator(2, dev)
+    cached = cache.batches if cache is not None else []
+    gen = settings.generator(dev)
+    if cached:
+        gen.set_state(cache.state)
     prog = _Progress("EK-FAC eigenvalue pass", len(encoded))
     with analysed_grads_only(model, specs):
-        for batch in iter_batches(encoded, settings.batch_size, _pad(model, pad_id)):
-            batch = batch.to(dev)
-            cap = forward_backward(model, specs, batch, settings.fisher, gen)
+        for i, batch in enumerate(iter_batches(encoded, settings.batch_size, _pad(model, pad_id))):
+            if i < len(cached):
+                entry = cached[i]
+                cached[i] = {}  # release memory as we go
+            else:
+                batch = batch.to(dev)
+                cap = forward_backward(model, specs, batch, settings.fisher, gen)
+                entry = {s.name: _lambda_inputs(s, cap.a[s.name], cap.ds[s.name]) for s in specs}
             for s in specs:
-                b, t = cap.a[s.name].shape[:2]
-                ds = cap.ds[s.name].view(b, t, s.n_blocks, s.p)
-                # per-token rotation costs T(d² + Pp), rotating the sequence gradient Pd(p + d)
-                if t * (s.d * s.d + s.out_features * s.p) < s.out_features * s.d * (s.p + s.d):
-                    # short sequences: rotate each token's a and ds, then sum over tokens
-                    a_rot = cap.a[s.name] @ qa[s.name]  # [B, T, d]
-                    ds_rot = torch.einsum("btnp,npq->btnq", ds, qs[s.name])
-                    g = torch.einsum("btnq,btd->bnqd", ds_rot, a_rot)
-                else:
-                    # long sequences: form each sequence's gradient, then rotate it once
-                    g = torch.einsum("btnp,btd->bnpd", ds, cap.a[s.name])
-                    g = torch.einsum("npq,bnpd,de->bnqe", qs[s.name], g, qa[s.name])
-                lam[s.name] += (g * g).sum(0).to(torch.float64)
+                _add_lambda(lam[s.name], s, entry[s.name], qa[s.name], qs[s.name])
             prog.step(len(batch.index), batch.n_tokens)
+    if cache is not None:  # spent: a later pass recomputes from the start
+        cache.batches, cache.state = [], None
     return LambdaSums(lam, len(encoded))
 
 
@@ -348,9 +419,10 @@ def fit_ekfac(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, setti
     """Fit EK-FAC factors of ``model`` on ``encoded`` (both passes) and return them."""
     settings = settings or FitSettings()
     t0 = time.perf_counter()
-    sums = covariance_sums(model, specs, encoded, settings, pad_id)
+    cache = PassCache(settings.cache_mib * 2**20)
+    sums = covariance_sums(model, specs, encoded, settings, pad_id, cache)
     basis = eigenbasis(sums, specs)
-    lam = lambda_sums(model, specs, encoded, basis, settings, pad_id)
+    lam = lambda_sums(model, specs, encoded, basis, settings, pad_id, cache)
     f = finalize(model, specs, basis, lam, settings,
                  {"fit_seconds": round(time.perf_counter() - t0, 3), "truncated": encoded.n_truncated})
     log.info("fitted EK-FAC on %d sequences / %d tokens in %.1fs", lam.sequences, basis.tokens,

@@ -26,7 +26,16 @@ from core_helpers import (
 )
 
 from msif_core.data import Encoded, collate
-from msif_core.ekfac import FitSettings, covariance_sums, eigenbasis, fit_ekfac, lambda_sums, merge_all
+from msif_core.ekfac import (
+    FitSettings,
+    PassCache,
+    _per_sequence_branch,
+    covariance_sums,
+    eigenbasis,
+    fit_ekfac,
+    lambda_sums,
+    merge_all,
+)
 from msif_core.gradients import token_losses
 from msif_core.models import discover_modules
 
@@ -88,17 +97,16 @@ def test_factors_without_bias_columns_match_brute_force():
 @pytest.mark.parametrize("kind", ["docs", "pairs"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_true_fisher_factors_match_brute_force(models, arch, kind):
-    """Replays the seeded draws (y_t ~ softmax(logits at t−1) as target t) in an unpadded brute force."""
+    """Replays the seeded draws (y_t ~ softmax(logits at t−1) as target t) in an unpadded brute force;
+    both passes use the same draws."""
     model, enc = models[arch], DATA[kind]
     specs = discover_modules(model)
     settings = FitSettings(fisher="true", batch_size=BATCH, seed=5)
-    t_cov = sampled_targets(model, enc, BATCH, settings.generator(1))
-    t_lam = sampled_targets(model, enc, BATCH, settings.generator(2))
-    n_resampled = sum(t != x for i in range(len(enc)) for t, x in zip(t_cov[i], enc.input_ids[i]))
-    assert n_resampled > 0 and t_cov != t_lam
-    bf_cov = BruteRun(model, specs, loss_closures(model, enc, t_cov))
-    bf_lam = BruteRun(model, specs, loss_closures(model, enc, t_lam))
-    f = _check_factors(model, specs, enc, settings, bf_cov, bf_lam)
+    targets = sampled_targets(model, enc, BATCH, settings.generator())
+    n_resampled = sum(t != x for i in range(len(enc)) for t, x in zip(targets[i], enc.input_ids[i]))
+    assert n_resampled > 0
+    bf = BruteRun(model, specs, loss_closures(model, enc, targets))
+    f = _check_factors(model, specs, enc, settings, bf, bf)
     emp = BruteRun(model, specs, loss_closures(model, enc)).lam(f.q_a, f.q_s)
     name = specs[-1].name
     assert not torch.allclose(f.lam[name], emp[name], rtol=1e-3), "true Fisher must not equal the empirical one"
@@ -110,11 +118,51 @@ def test_true_fisher_for_a_classification_head_matches_brute_force():
     specs = discover_modules(model)
     enc = with_labels(PAIRS, 3, seed=13)
     settings = FitSettings(fisher="true", batch_size=BATCH, seed=2)
-    drawn = [sampled_labels(model, enc, BATCH, settings.generator(k)) for k in (1, 2)]
-    assert drawn[0] != enc.labels or drawn[1] != enc.labels
-    runs = [BruteRun(model, specs, loss_closures(model, Encoded(enc.input_ids, enc.loss_mask, labels=y)))
-            for y in drawn]
-    _check_factors(model, specs, enc, settings, runs[0], runs[1])
+    drawn = sampled_labels(model, enc, BATCH, settings.generator())
+    assert drawn != enc.labels
+    bf = BruteRun(model, specs, loss_closures(model, Encoded(enc.input_ids, enc.loss_mask, labels=drawn)))
+    _check_factors(model, specs, enc, settings, bf, bf)
+
+
+LONG_DOCS = random_docs(5, 32, 45, seed=14)  # long enough that Λ rotates per-sequence gradients
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_long_sequence_factors_match_brute_force(models, arch):
+    """The Λ pass's per-sequence rotation (chosen for long sequences) against the brute force."""
+    model = models[arch]
+    specs = discover_modules(model)
+    assert all(_per_sequence_branch(s, 32) for s in specs), "the documents must take the long-sequence branch"
+    settings = FitSettings(fisher="true", batch_size=2, seed=3)
+    bf = BruteRun(model, specs, loss_closures(model, LONG_DOCS, sampled_targets(model, LONG_DOCS, 2,
+                                                                                 settings.generator())))
+    _check_factors(model, specs, LONG_DOCS, settings, bf, bf)
+
+
+@pytest.mark.parametrize("docs", [DOCS, LONG_DOCS], ids=["short", "long"])
+def test_lambda_pass_is_the_same_cached_partly_cached_or_recomputed(models, docs):
+    """Keeping the covariance pass's gradients for the Λ pass only saves work: with none, one batch
+    (the rest recomputed, resuming the true-Fisher draws) or all of them kept, Λ is identical."""
+    model = models["gpt_neox"]
+    specs = discover_modules(model)
+    settings = FitSettings(fisher="true", batch_size=2, seed=4)
+    full = PassCache(2**30)
+    sums = covariance_sums(model, specs, docs, settings, PAD, full)
+    n_batches = -(-len(docs) // 2)
+    assert len(full.batches) == n_batches
+    first = sum(t.numel() * t.element_size() for ts in full.batches[0].values() for t in ts)
+    basis = eigenbasis(sums, specs)
+    lams = {"all": lambda_sums(model, specs, docs, basis, settings, PAD, full)}
+    assert full.batches == [], "a spent cache must not be reused"
+    for label, budget in (("one", first), ("none", 0)):
+        cache = PassCache(budget)
+        covariance_sums(model, specs, docs, settings, PAD, cache)
+        assert len(cache.batches) == (1 if label == "one" else 0)
+        lams[label] = lambda_sums(model, specs, docs, basis, settings, PAD, cache)
+    lams["no cache"] = lambda_sums(model, specs, docs, basis, settings, PAD)
+    for label in ("one", "none", "no cache"):
+        for s in specs:
+            _close(lams[label].lam[s.name], lams["all"].lam[s.name], f"Λ of {s.name}, cache {label}", rtol=1e-12)
 
 
 def _onehot_logits(batch, scale=40.0):

@@ -344,9 +344,10 @@ class Factors:
         x = v.reshape(-1, s.n_blocks, s.p, s.d).to(dt)
         qa, qs = self.q_a[name].to(dt), self.q_s[name].to(dt)
         lam_d = (self.lam[name] + self.damping_for(name, damping)[:, None, None]).to(dt)  # Λ is unchanged
-        rot = torch.einsum("npq,mnpd,de->mnqe", qs, x, qa)
-        rot = rot / lam_d
-        back = torch.einsum("npq,mnqe,de->mnpd", qs, rot, qa)
+        # plain (batched) matrix products: BLAS-shaped, about twice as fast as the equivalent einsum
+        rot = torch.matmul(qs.transpose(-1, -2), x @ qa)  # [m, n, p, d]
+        rot.div_(lam_d)
+        back = torch.matmul(qs, rot @ qa.transpose(0, 1))
         return back.reshape(*lead, s.out_features, s.d).to(v.dtype)
 
     def check_finite(self) -> None:

@@ -74,7 +74,7 @@ class QueryIHVPs:
         if name in self.dense:
             return self.dense[name]
         u, v = self.u[name], self.v[name]
-        m = torch.einsum("qnpr,qndr->qnpd", u, v)
+        m = torch.matmul(u, v.transpose(-1, -2))  # [Q, n, p, d]
         return m.reshape(m.shape[0], -1, m.shape[-1])
 
     def save(self, directory: str | Path) -> Path:

@@ -51,11 +51,15 @@ def _costs(spec: ModuleSpec, t: int, q: int, r: int) -> tuple[float, float]:
 
 
 def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch_size: int = 8,
-                    pad_id: int | None = None, strategy: str = "auto") -> ScoreResult:
+                    pad_id: int | None = None, strategy: str = "auto", group_mib: int = 256) -> ScoreResult:
     """Score every document in ``encoded`` against every query iHVP in ``ihvps``.
 
     ``model`` is θ_pt for MS-IF and GDP, θ_ft for SS-IF. The document loss is its summed next-token
     cross-entropy over its own tokens. Results are in the order of ``encoded``.
+
+    With the ``"gradient"`` contraction, the per-sequence gradients of successive batches are grouped
+    (up to ``group_mib`` MiB) before their product with the query iHVPs, so that the iHVPs, read once
+    per group, are not re-read for every small batch: many queries then cost little more than one.
     """
     if strategy not in ("auto", "gradient", "low_rank"):
         raise ValueError(f"strategy must be auto, gradient or low_rank, got {strategy!r}")
@@ -69,22 +73,40 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
     pad = pad_id if pad_id is not None else int(getattr(model.config, "pad_token_id", None) or 0)
     nq, n = ihvps.n_queries, len(encoded)
     blocks = [b for s in specs for b in s.blocks]
+    first_col = dict(zip([s.name for s in specs], np.cumsum([0] + [s.n_blocks for s in specs]).tolist()))
     by_block = torch.zeros(n, len(blocks), nq, dtype=torch.float64)
     losses = torch.zeros(n, dtype=torch.float64)
-    dense = {s.name: ihvps.matrix(s.name).to(dev, dtype).reshape(nq, s.n_blocks, s.p * s.d)
-             for s in specs if ihvps.rank == 0 or strategy != "low_rank"}
+    # per block, the queries' iHVPs as rows: [n, Q, p·d], so that scoring a group is one matrix product
+    dense = {s.name: ihvps.matrix(s.name).to(dev, dtype).reshape(nq, s.n_blocks, s.p * s.d).transpose(0, 1)
+             .contiguous() for s in specs if ihvps.rank == 0 or strategy != "low_rank"}
     uv = {s.name: (ihvps.u[s.name].to(dev, dtype), ihvps.v[s.name].to(dev, dtype))
           for s in specs if ihvps.rank > 0}
+    seq_bytes = sum(s.out_features * s.d for s in specs) * torch.finfo(dtype).bits // 8
+    group_rows = max(1, group_mib * 2**20 // seq_bytes)
+    pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # (rows, per-module gradients)
+
+    def flush() -> None:
+        if not pending:
+            return
+        rows = torch.cat([r for r, _ in pending])
+        for name in pending[0][1]:
+            spec = ihvps.specs[name]
+            g = torch.cat([gs[name] for _, gs in pending]) if len(pending) > 1 else pending[0][1][name]
+            sc = torch.matmul(g.transpose(0, 1), dense[name].transpose(1, 2)).transpose(0, 1)  # [B, n, Q]
+            col = first_col[name]
+            by_block[rows, col:col + spec.n_blocks] = sc.double().cpu()
+        pending.clear()
+
     t0 = time.perf_counter()
-    done = tokens = 0
+    done = tokens = held = 0
     last = t0
     with analysed_grads_only(model, specs):
         for batch in iter_batches(encoded, batch_size, pad):
             batch = batch.to(dev)
             cap = forward_backward(model, specs, batch, fisher="empirical")
             b, t = batch.input_ids.shape
-            col = 0
             rows = torch.tensor(batch.index)
+            grads = {}
             for s in specs:
                 a, ds = cap.a[s.name], cap.ds[s.name]
                 c_dense, c_low = _costs(s, t, nq, ihvps.rank)
@@ -93,19 +115,25 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
                     u, v = uv[s.name]  # [Q, n, p, r], [Q, n, d, r]
                     x = torch.einsum("btnp,qnpr->bnqrt", ds.view(b, t, s.n_blocks, s.p), u)
                     y = torch.einsum("btd,qndr->bnqrt", a, v)
-                    sc = (x * y).sum(dim=(-1, -2))  # [B, n, Q]
-                else:
-                    g = torch.einsum("btp,btd->bpd", ds, a).reshape(b, s.n_blocks, s.p * s.d)
-                    sc = torch.einsum("bnk,qnk->bnq", g, dense[s.name])
-                by_block[rows, col:col + s.n_blocks] = sc.double().cpu()
-                col += s.n_blocks
+                    col = first_col[s.name]
+                    by_block[rows, col:col + s.n_blocks] = (x * y).sum(dim=(-1, -2)).double().cpu()  # [B, n, Q]
+                else:  # the batch's per-sequence gradients, scored with the group
+                    grads[s.name] = torch.matmul(ds.transpose(1, 2), a).view(b, s.n_blocks, s.p * s.d)
             losses[rows] = cap.per_sequence_loss.double().cpu()
+            del cap
+            if grads:
+                pending.append((rows, grads))
+                held += b
+                if held >= group_rows:
+                    flush()
+                    held = 0
             done += b
             tokens += batch.n_tokens
             now = time.perf_counter()
             if now - last > 10 or done == n:
                 log.info("scored %d/%d documents x %d queries, %.1f docs/s", done, n, nq, done / (now - t0))
                 last = now
+        flush()
     secs = time.perf_counter() - t0
     bb = by_block.numpy()
     return ScoreResult(bb.sum(axis=1), bb, [b.name for b in blocks], [b.kind for b in blocks], losses.numpy(),

@@ -422,10 +422,13 @@ def fit_ekfac(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, setti
     t0 = time.perf_counter()
     cache = PassCache(settings.cache_mib * 2**20)
     sums = covariance_sums(model, specs, encoded, settings, pad_id, cache)
+    t1 = time.perf_counter()
     basis = eigenbasis(sums, specs)
+    t2 = time.perf_counter()
     lam = lambda_sums(model, specs, encoded, basis, settings, pad_id, cache)
     f = finalize(model, specs, basis, lam, settings,
-                 {"fit_seconds": round(time.perf_counter() - t0, 3), "truncated": encoded.n_truncated})
+                 {"fit_seconds": round(time.perf_counter() - t0, 3), "eigh_seconds": round(t2 - t1, 3),
+                  "truncated": encoded.n_truncated})
     log.info("fitted EK-FAC on %d sequences / %d tokens in %.1fs", lam.sequences, basis.tokens,
              time.perf_counter() - t0)
     return f

@@ -9,11 +9,11 @@ Sequence conventions (the influence code relies on them, SPEC section 1):
   the loss is next-token cross-entropy over all its tokens (the first token is not predicted);
 - a QA example is ``tokenizer(prompt)["input_ids"] + tokenizer(completion)["input_ids"]`` (the
   completion keeps its leading space; byte-level pre-tokenisation makes this equal to tokenising the
-  concatenated string for the demo data); labels are ``-100`` on prompt positions, so only completion
-  tokens carry loss;
+  concatenated string for the demo data); only completion tokens are targets;
 - batches are right-padded with ``tokenizer.pad_token_id`` and an attention mask; padding never has loss.
 
-Training loss is the mean over the batch's loss-carrying tokens.  The learning-rate schedule (linear
+Encoding is :mod:`msif_core.data`'s (``encode_documents``, ``encode_pairs``). Training loss is the mean
+over the batch's target tokens.  The learning-rate schedule (linear
 warm-up, then cosine or linear decay) is stepped after EVERY optimiser step (SPEC section 5).
 """
 
@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .data import Batch, Encoded, collate, encode_documents, encode_pairs, iter_batches
 
 logger = logging.getLogger(__name__)
 
@@ -206,84 +208,37 @@ def save_model(model: nn.Module, tokenizer: Any, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data: encoding and batching
+# Data: batching and loss (sequences are msif_core.data's Encoded: the same encoding the influence
+# code uses, so a model is trained on exactly the targets it is later attributed on)
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Example:
-    """One training sequence: token ids and per-token labels (``-100`` = no loss)."""
-
-    input_ids: list[int]
-    labels: list[int]
-
-
-def encode_documents(tokenizer: Any, texts: Sequence[str], max_len: int) -> list[Example]:
-    """Pre-training examples: every token is a label (truncated to ``max_len``)."""
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    n_trunc = sum(len(x) > max_len for x in ids)
-    if n_trunc:
-        logger.warning("%d of %d documents truncated to %d tokens", n_trunc, len(ids), max_len)
-    return [Example(x[:max_len], x[:max_len]) for x in ids]
-
-
-def encode_qa(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], max_len: int) -> list[Example]:
-    """QA examples ``prompt + completion`` with labels only on the completion tokens."""
-    if len(prompts) != len(completions):
-        raise ValueError("prompts and completions differ in length")
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    c_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    out = []
-    for p, c in zip(p_ids, c_ids, strict=True):
-        if not c:
-            raise ValueError("empty completion")
-        ids = (p + c)[-max_len:]
-        labels = ([IGNORE_INDEX] * len(p) + c)[-max_len:]
-        out.append(Example(ids, labels))
-    return out
-
-
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of examples into ``input_ids``, ``attention_mask`` and ``labels`` tensors."""
-    n = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), n), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), n), dtype=torch.long)
-    for i, e in enumerate(examples):
-        k = len(e.input_ids)
-        input_ids[i, :k] = torch.tensor(e.input_ids)
-        labels[i, :k] = torch.tensor(e.labels)
-        mask[i, :k] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def batches(examples: Sequence[Example], batch_size: int, generator: torch.Generator,
-            pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Shuffle with ``generator`` and yield collated batches (the last one may be smaller)."""
-    order = torch.randperm(len(examples), generator=generator).tolist()
+def batches(encoded: Encoded, batch_size: int, generator: torch.Generator, pad_id: int) -> Iterator[Batch]:
+    """Shuffle with ``generator`` and yield padded batches (the last one may be smaller)."""
+    order = torch.randperm(len(encoded), generator=generator).tolist()
     for i in range(0, len(order), batch_size):
-        yield collate([examples[j] for j in order[i : i + batch_size]], pad_id)
+        yield collate(encoded, order[i : i + batch_size], pad_id)
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy: logits at position t predict ``labels[t + 1]``; ``-100`` is ignored.
+def causal_lm_loss(logits: torch.Tensor, batch: Batch, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy on the batch's targets: logits at t−1 score token t where
+    ``loss_mask[t]``; other positions (prompt, padding, the first token) carry no loss.
 
-    ``reduction``: ``"mean"`` over loss-carrying tokens, ``"sum"``, or ``"none"`` (per sequence sums,
-    shape ``[batch]``).
+    ``reduction``: ``"mean"`` over target tokens, ``"sum"``, or ``"none"`` (per-sequence sums, [batch]).
     """
     shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
+    labels = batch.input_ids[:, 1:].masked_fill(~batch.loss_mask[:, 1:], IGNORE_INDEX)
     per_tok = F.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
+        labels.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
-    ).view(shift_labels.shape)
+    ).view(labels.shape)
     if reduction == "none":
         return per_tok.sum(dim=1)
     if reduction == "sum":
         return per_tok.sum()
-    n = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+    n = batch.loss_mask[:, 1:].sum().clamp(min=1)
     return per_tok.sum() / n
 
 
@@ -336,13 +291,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, total_steps: int,
     )
 
 
-def train_causal_lm(model: nn.Module, examples: Sequence[Example], params: TrainParams, pad_id: int,
+def train_causal_lm(model: nn.Module, examples: Encoded, params: TrainParams, pad_id: int,
                     name: str = "train", max_steps: int | None = None) -> TrainResult:
-    """Train ``model`` in place on ``examples`` (mean loss over labelled tokens); return statistics.
+    """Train ``model`` in place on ``examples`` (mean loss over target tokens); return statistics.
 
     ``max_steps`` stops early (tests); the schedule is still laid out over all epochs' steps.
     """
-    if not examples:
+    if len(examples) == 0:
         raise ValueError("no training examples")
     generator = torch.Generator().manual_seed(params.seed)
     steps_per_epoch = math.ceil(len(examples) / params.batch_size)
@@ -360,8 +315,8 @@ def train_causal_lm(model: nn.Module, examples: Sequence[Example], params: Train
     for epoch in range(params.epochs):
         loss_sum, loss_tokens = 0.0, 0
         for batch in batches(examples, params.batch_size, generator, pad_id):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = causal_lm_loss(logits, batch["labels"])
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss = causal_lm_loss(logits, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if params.grad_clip > 0:
@@ -369,10 +324,10 @@ def train_causal_lm(model: nn.Module, examples: Sequence[Example], params: Train
             lrs.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
             scheduler.step()  # per optimiser step, not per epoch
-            n_lab = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            n_lab = int(batch.loss_mask[:, 1:].sum())
             loss_sum += float(loss.detach()) * n_lab
             loss_tokens += n_lab
-            n_tok = int(batch["attention_mask"].sum())
+            n_tok = batch.n_tokens
             tokens += n_tok
             tok_log += n_tok
             step += 1
@@ -402,7 +357,7 @@ def pretrain(model: nn.Module, tokenizer: Any, texts: Sequence[str], params: Tra
 def finetune(model: nn.Module, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str],
              params: TrainParams, max_len: int) -> TrainResult:
     """Full-parameter fine-tuning of ``model`` (in place) on QA pairs, loss on completions only."""
-    examples = encode_qa(tokenizer, prompts, completions, max_len)
+    examples = encode_pairs(tokenizer, prompts, completions, max_len)
     return train_causal_lm(model, examples, params, tokenizer.pad_token_id, name="finetune")
 
 
@@ -412,15 +367,14 @@ def finetune(model: nn.Module, tokenizer: Any, prompts: Sequence[str], completio
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 64) -> float:
-    """Mean next-token loss over the labelled tokens of ``examples``."""
+def evaluate_loss(model: nn.Module, examples: Encoded, pad_id: int, batch_size: int = 64) -> float:
+    """Mean next-token loss over the target tokens of ``examples``."""
     model.eval()
     total, n = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i : i + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        total += float(causal_lm_loss(logits, batch["labels"], reduction="sum"))
-        n += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    for batch in iter_batches(examples, batch_size, pad_id, sort_by_length=False):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        total += float(causal_lm_loss(logits, batch, reduction="sum"))
+        n += int(batch.loss_mask[:, 1:].sum())
     return total / max(n, 1)
 
 
@@ -437,10 +391,10 @@ def span_losses(model: nn.Module, tokenizer: Any, texts: Sequence[str],
     out: list[list[float]] = []
     for i in range(0, len(texts), batch_size):
         ids = enc["input_ids"][i : i + batch_size]
-        batch = collate([Example(x, x) for x in ids], tokenizer.pad_token_id)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        batch = collate(Encoded(ids, [[True] * len(x) for x in ids]), range(len(ids)), tokenizer.pad_token_id)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        tok_nll = -logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)  # loss of token t+1
+        tok_nll = -logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)  # loss of token t+1
         for row, k in enumerate(range(i, min(i + batch_size, len(texts)))):
             offsets = enc["offset_mapping"][k]
             res = []

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from msif_core import training as T
+from msif_core.data import collate, encode_documents, encode_pairs
 
 TEXTS = [
     "Zorbin Kel was born in Velmora. The old bridge was quiet that morning.",
@@ -56,53 +57,53 @@ def test_tokenizer_roundtrip_and_specials(tok) -> None:
         T.train_tokenizer(TEXTS, kind="nope")
 
 
-def test_qa_labels_mask_the_prompt(tok) -> None:
-    ex = T.encode_qa(tok, [p for p, _ in QA], [c for _, c in QA], max_len=64)
-    for (p, c), e in zip(QA, ex, strict=True):
+def test_qa_targets_are_the_completion(tok) -> None:
+    ex = encode_pairs(tok, [p for p, _ in QA], [c for _, c in QA], 64)
+    for (p, c), ids, mask in zip(QA, ex.input_ids, ex.loss_mask, strict=True):
         n_p, n_c = len(tok(p)["input_ids"]), len(tok(c)["input_ids"])
-        assert e.labels[:n_p] == [T.IGNORE_INDEX] * n_p
-        assert e.labels[n_p:] == e.input_ids[n_p:] == tok(c)["input_ids"]
-        assert len(e.input_ids) == n_p + n_c
+        assert mask == [False] * n_p + [True] * n_c
+        assert ids[n_p:] == tok(c)["input_ids"]
 
 
 def test_loss_masking_prompt_positions_get_no_gradient(tok) -> None:
     model = _model(tok)
-    ex = T.encode_qa(tok, [p for p, _ in QA], [c for _, c in QA], max_len=64)
-    batch = T.collate(ex, tok.pad_token_id)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ex = encode_pairs(tok, [p for p, _ in QA], [c for _, c in QA], 64)
+    batch = collate(ex, range(len(ex)), tok.pad_token_id)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     logits = logits.detach().requires_grad_(True)
-    loss = T.causal_lm_loss(logits, batch["labels"])
+    loss = T.causal_lm_loss(logits, batch)
     loss.backward()
     g = logits.grad.abs().sum(-1)  # [batch, seq]
     # expected: mean over completion tokens of -log p, computed by hand
     logp = torch.log_softmax(logits.detach(), -1)
     manual, n = 0.0, 0
-    for i, e in enumerate(ex):
-        n_p = e.labels.count(T.IGNORE_INDEX)
-        for t in range(n_p, len(e.input_ids)):
-            manual -= float(logp[i, t - 1, e.input_ids[t]])
+    for i, ((p, _), ids) in enumerate(zip(QA, ex.input_ids, strict=True)):
+        n_p = len(tok(p)["input_ids"])
+        for t in range(n_p, len(ids)):
+            manual -= float(logp[i, t - 1, ids[t]])
             n += 1
         # only positions that predict completion tokens (n_p-1 .. len-2) carry gradient
         assert torch.all(g[i, : n_p - 1] == 0)
-        assert torch.all(g[i, n_p - 1 : len(e.input_ids) - 1] > 0)
-        assert torch.all(g[i, len(e.input_ids) - 1 :] == 0)  # last token and padding
+        assert torch.all(g[i, n_p - 1 : len(ids) - 1] > 0)
+        assert torch.all(g[i, len(ids) - 1 :] == 0)  # last token and padding
     assert math.isclose(float(loss.detach()), manual / n, rel_tol=1e-5)
 
 
 def test_pretraining_loss_matches_transformers_and_ignores_padding(tok) -> None:
     model = _model(tok)
-    ex = T.encode_documents(tok, TEXTS[:4], max_len=64)
-    batch = T.collate(ex, tok.pad_token_id)
-    assert batch["attention_mask"].sum() == sum(len(e.input_ids) for e in ex)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    mine = T.causal_lm_loss(out.logits, batch["labels"])
+    ex = encode_documents(tok, TEXTS[:4], 64)
+    batch = collate(ex, range(len(ex)), tok.pad_token_id)
+    assert batch.attention_mask.sum() == ex.n_tokens
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)  # transformers' convention
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=labels)
+    mine = T.causal_lm_loss(out.logits, batch)
     assert torch.allclose(mine, out.loss, atol=1e-5)
     # per-sequence sums equal the loss of each document alone (padding contributes nothing)
-    sums = T.causal_lm_loss(out.logits, batch["labels"], reduction="none")
-    for i, e in enumerate(ex):
-        single = T.collate([e], tok.pad_token_id)
-        logits = model(input_ids=single["input_ids"]).logits
-        alone = T.causal_lm_loss(logits, single["labels"], reduction="sum")
+    sums = T.causal_lm_loss(out.logits, batch, reduction="none")
+    for i in range(len(ex)):
+        single = collate(ex, [i], tok.pad_token_id)
+        logits = model(input_ids=single.input_ids).logits
+        alone = T.causal_lm_loss(logits, single, reduction="sum")
         assert torch.allclose(sums[i], alone, rtol=1e-4)
 
 
@@ -121,7 +122,7 @@ def test_lr_factor_shape() -> None:
 def test_lr_schedule_changes_every_step(tok) -> None:
     """The scheduler is stepped per optimiser step: within ONE epoch the lr takes many values."""
     model = _model(tok)
-    ex = T.encode_documents(tok, TEXTS, max_len=64)
+    ex = encode_documents(tok, TEXTS, 64)
     params = T.TrainParams(epochs=2, batch_size=2, lr=1e-2, warmup_frac=0.25, schedule="cosine", min_lr_ratio=0.1)
     res = T.train_causal_lm(model, ex, params, tok.pad_token_id)
     steps_per_epoch = math.ceil(len(ex) / 2)
@@ -135,7 +136,7 @@ def test_lr_schedule_changes_every_step(tok) -> None:
 
 
 def test_training_is_seeded_and_learns(tok) -> None:
-    ex = T.encode_documents(tok, TEXTS, max_len=64)
+    ex = encode_documents(tok, TEXTS, 64)
     params = T.TrainParams(epochs=6, batch_size=4, lr=1e-2, seed=5)
     m1, m2 = _model(tok, seed=1), _model(tok, seed=1)
     before = T.evaluate_loss(m1, ex, tok.pad_token_id)
@@ -147,13 +148,13 @@ def test_training_is_seeded_and_learns(tok) -> None:
     after = T.evaluate_loss(m1, ex, tok.pad_token_id)
     assert after < 0.6 * before
     assert r1.epoch_losses[-1] < r1.epoch_losses[0]
-    assert r1.tokens == params.epochs * sum(len(e.input_ids) for e in ex)
+    assert r1.tokens == params.epochs * ex.n_tokens
 
 
 def test_finetune_changes_only_what_it_should_learn(tok) -> None:
     """Fine-tuning on QA lowers the completion loss; max_steps stops early."""
     model = _model(tok)
-    ex = T.encode_qa(tok, [p for p, _ in QA], [c for _, c in QA], 64)
+    ex = encode_pairs(tok, [p for p, _ in QA], [c for _, c in QA], 64)
     before = T.evaluate_loss(model, ex, tok.pad_token_id)
     res = T.finetune(model, tok, [p for p, _ in QA] * 4, [c for _, c in QA] * 4,
                      T.TrainParams(epochs=10, batch_size=4, lr=1e-2), 64)
@@ -168,7 +169,7 @@ def test_save_and_reload_identical_logits(tok, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = _model(tok)
-    T.train_causal_lm(model, T.encode_documents(tok, TEXTS, 64), T.TrainParams(epochs=1, batch_size=4),
+    T.train_causal_lm(model, encode_documents(tok, TEXTS, 64), T.TrainParams(epochs=1, batch_size=4),
                       tok.pad_token_id)
     T.save_model(model, tok, tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").exists()

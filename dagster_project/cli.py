@@ -114,9 +114,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         cfg = load_config(args.path, check_files=False)
+        t_world = time.perf_counter()
         if cfg.is_demo:
             print(f"No experiment file given: using the demo world under {cfg.root}")
             ensure_demo_world(cfg)
+        t_world = time.perf_counter() - t_world
         check_inputs(cfg)
     except ConfigError as e:
         print(f"msif: configuration error: {e}", file=sys.stderr)
@@ -140,8 +142,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"no results to show: {e}", file=sys.stderr)
         return 1
+    print(_time_summary(res.runs, t_world if cfg.is_demo else 0.0))
     print(f"\nTotal {time.perf_counter() - t0:.1f}s.  Instance: {home}")
     return 1 if res.failures else 0
+
+
+def _time_summary(runs: list, world_s: float) -> str:
+    """Where the time went: seconds per asset group (all partitions of it together), largest first."""
+    by: dict[str, list[float]] = {}
+    for r in runs:
+        key = " + ".join(r.assets)
+        by.setdefault(key, []).append(r.seconds)
+    rows = sorted(((sum(v), len(v), k) for k, v in by.items()), reverse=True)
+    lines = ["\nWhere the time went:"]
+    if world_s >= 0.5:
+        lines.append(f"  {world_s:7.1f}s  demo world: generate, train tokenizer, pre-train and fine-tune the models")
+    for secs, n, key in rows:
+        lines.append(f"  {secs:7.1f}s  {key}" + (f"  ({n} runs)" if n > 1 else ""))
+    return "\n".join(lines)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

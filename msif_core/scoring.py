@@ -93,13 +93,14 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
     def flush() -> None:
         if not pending:
             return
-        rows = torch.cat([r for r, _ in pending])
-        for name in pending[0][1]:
-            spec = ihvps.specs[name]
-            g = torch.cat([gs[name] for _, gs in pending]) if len(pending) > 1 else pending[0][1][name]
+        # a module may have taken the low-rank contraction in some batches (it depends on their length)
+        for name in dict.fromkeys(k for _, gs in pending for k in gs):
+            held_here = [(r, gs[name]) for r, gs in pending if name in gs]
+            rows = torch.cat([r for r, _ in held_here])
+            g = torch.cat([x for _, x in held_here]) if len(held_here) > 1 else held_here[0][1]
             sc = torch.matmul(g.transpose(0, 1), dense[name].transpose(1, 2)).transpose(0, 1)  # [B, n, Q]
             col = first_col[name]
-            by_block[rows, col:col + spec.n_blocks] = sc.double().cpu()
+            by_block[rows, col:col + ihvps.specs[name].n_blocks] = sc.double().cpu()
         pending.clear()
 
     t0 = time.perf_counter()

@@ -35,7 +35,7 @@ from msif_core.data import encode_documents, encode_pairs
 from msif_core.ekfac import Factors, FitSettings, fit_ekfac
 from msif_core.models import discover_blocks, discover_modules, fingerprint
 from msif_core.query import QueryIHVPs, measurement_gradients, query_ihvps
-from msif_core.scoring import score_documents
+from msif_core.scoring import _costs, score_documents
 
 DAMP_FT, DAMP_PT = 1e-3, "relative:0.1"
 FULL_RANK = 10_000  # capped at min(p, d) per block
@@ -169,6 +169,25 @@ def test_batch_size_and_padding_do_not_change_scores():
         res = score_documents(w.pt, ih, w.docs, batch_size=bs, pad_id=pad, strategy=strategy)
         assert rel_err(res.by_block, ref.by_block) < 1e-9
         np.testing.assert_allclose(res.losses, ref.losses, rtol=1e-12)
+
+
+def test_auto_contraction_mixing_strategies_across_grouped_batches():
+    """With ``auto``, a module takes the low-rank contraction for short batches and the gradient one for
+    long batches; the gradients of several batches are scored together in groups (of one sequence, or
+    of all): every combination gives the explicitly computed scores."""
+    w = world("gpt_neox")
+    grads = measurement_gradients(w.ft, w.specs, w.queries, pad_id=PAD)
+    ih = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT, rank=4)
+    docs = random_docs(8, 2, 6, seed=34)
+    lengths = sorted({len(x) for x in docs.input_ids})
+    chosen = {(s.name, t): _costs(s, t, 3, 4)[1] < _costs(s, t, 3, 4)[0] for s in w.specs for t in lengths}
+    assert any(chosen.values()) and not all(chosen.values()), "the data must mix both contractions"
+    assert any(len({chosen[s.name, t] for t in lengths}) == 2 for s in w.specs), "…within one module"
+    want = w.explicit({n: ih.matrix(n) for n in w.names},
+                      w.stack([sequence_grads(w.ft, w.specs, fn) for fn in loss_closures(w.ft, docs)]))
+    for group_mib in (0, 1024):
+        res = score_documents(w.ft, ih, docs, batch_size=1, pad_id=PAD, group_mib=group_mib)
+        assert rel_err(res.scores, want) < 1e-9, group_mib
 
 
 def test_per_block_scores_are_labelled_and_add_up():

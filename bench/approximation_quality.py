@@ -34,9 +34,9 @@ from msif_core.data import Encoded, encode_documents  # noqa: E402
 from msif_core.ekfac import FitSettings, fit_ekfac  # noqa: E402
 from msif_core.exact import (  # noqa: E402
     GaussNewtonOperator,
-    _score_candidates,
     cg_solve,
     param_names_for_modules,
+    score_candidates,
     sequence_gradients,
 )
 from msif_core.models import discover_modules, load_model  # noqa: E402
@@ -125,11 +125,11 @@ def main() -> None:
         t0 = time.perf_counter()
         q_grads = sequence_gradients(model, names, queries, pad_id=pad).T.contiguous()
         cg = cg_solve(op, q_grads, damping, tol=args.tol, max_iter=args.max_iter, log_every=25)
-        ref = _score_candidates(model, names, cands, cg.x, pad)
+        ref = score_candidates(model, names, cands, cg.x, pad)
         t_cg = time.perf_counter() - t0
         # settled? the same solve stopped at half the iterations ranks the candidates the same way
         cg_half = cg_solve(op, q_grads, damping, tol=0.0, max_iter=max(1, max(cg.iterations) // 2), log_every=0)
-        half = _score_candidates(model, names, cands, cg_half.x, pad)
+        half = score_candidates(model, names, cands, cg_half.x, pad)
         cg_info = {"cg_iterations": max(cg.iterations), "cg_converged": cg.converged,
                    "cg_relative_residual": max(cg.residuals), "cg_half_iterations": max(cg_half.iterations),
                    "cg_half_spearman_vs_final": correlations(half, ref)[0]}

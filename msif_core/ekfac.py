@@ -191,6 +191,14 @@ class PassCache:
         self.state = state
 
 
+def _rotate(x: torch.Tensor, qs: torch.Tensor, qa: torch.Tensor, back: bool = False) -> torch.Tensor:
+    """``Q_Sᵀ X Q_A`` per block of ``x`` [..., blocks, p, d] (``back``: ``Q_S X Q_Aᵀ``), as batched matrix
+    products, which BLAS runs faster than the equivalent three-operand einsum."""
+    if back:
+        return torch.matmul(qs, x @ qa.transpose(0, 1))
+    return torch.matmul(qs.transpose(-1, -2), x @ qa)
+
+
 def _per_sequence_branch(s: ModuleSpec, t: int) -> bool:
     """Whether the Λ pass forms each sequence's gradient and rotates it once (cost P·d·(p + d)) rather
     than rotating every token's a and ds (cost T·(d² + P·p))."""
@@ -208,8 +216,7 @@ def _add_lambda(lam: torch.Tensor, s: ModuleSpec, inputs: tuple[torch.Tensor, ..
                 qs: torch.Tensor) -> None:
     """lam += Σ_n (Q_Sᵀ DW_n Q_A)² over the batch's sequences n."""
     if len(inputs) == 1:  # long sequences: rotate each sequence's gradient once
-        g = inputs[0].view(-1, s.n_blocks, s.p, s.d)
-        g = torch.einsum("npq,bnpd,de->bnqe", qs, g, qa)
+        g = _rotate(inputs[0].view(-1, s.n_blocks, s.p, s.d), qs, qa)
     else:  # short sequences: rotate each token's a and ds, then sum over tokens
         a, ds = inputs
         ds = ds.view(*ds.shape[:2], s.n_blocks, s.p)
@@ -344,11 +351,8 @@ class Factors:
         x = v.reshape(-1, s.n_blocks, s.p, s.d).to(dt)
         qa, qs = self.q_a[name].to(dt), self.q_s[name].to(dt)
         lam_d = (self.lam[name] + self.damping_for(name, damping)[:, None, None]).to(dt)  # Λ is unchanged
-        # plain (batched) matrix products: BLAS-shaped, about twice as fast as the equivalent einsum
-        rot = torch.matmul(qs.transpose(-1, -2), x @ qa)  # [m, n, p, d]
-        rot.div_(lam_d)
-        back = torch.matmul(qs, rot @ qa.transpose(0, 1))
-        return back.reshape(*lead, s.out_features, s.d).to(v.dtype)
+        rot = _rotate(x, qs, qa).div_(lam_d)  # [m, n, p, d]
+        return _rotate(rot, qs, qa, back=True).reshape(*lead, s.out_features, s.d).to(v.dtype)
 
     def check_finite(self) -> None:
         """Raise naming the first module with non-finite or negative Λ."""

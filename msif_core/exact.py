@@ -428,8 +428,8 @@ def _default_tol(dtype: torch.dtype) -> float:
     return 1e-10 if dtype == torch.float64 else 1e-5
 
 
-def _score_candidates(model: torch.nn.Module, param_names: Sequence[str], candidate_encoded: Encoded,
-                      directions: torch.Tensor, pad_id: int) -> np.ndarray:
+def score_candidates(model: torch.nn.Module, param_names: Sequence[str], candidate_encoded: Encoded,
+                     directions: torch.Tensor, pad_id: int) -> np.ndarray:
     """``[n_candidates, K]`` = candidate gradients · directions ``[P, K]``, streamed (no gradient kept)."""
     out = np.zeros((len(candidate_encoded), directions.shape[1]), dtype=np.float64)
     device, dtype = _device_dtype(model)
@@ -475,7 +475,7 @@ def exact_influence_details(
                       tol=_default_tol(op.dtype) if tol is None else tol, max_iter=max_iter,
                       preconditioner=preconditioner)
         directions = cg.x
-    scores = _score_candidates(model, param_names, candidate_encoded, directions, pad_id)
+    scores = score_candidates(model, param_names, candidate_encoded, directions, pad_id)
     return ExactInfluenceResult(scores=scores, cg=cg, time_s=time.perf_counter() - t0)
 
 
@@ -523,4 +523,4 @@ def gdp_influence(model: torch.nn.Module, param_names: Sequence[str], query_enco
     layout_c, _, _ = _split_params(cmodel, param_names)
     if layout_c.n_params != q_grads.shape[1]:
         raise ValueError("the analysed parameters differ in size between the query and candidate models")
-    return _score_candidates(cmodel, param_names, candidate_encoded, q_grads.T, pad_id)
+    return score_candidates(cmodel, param_names, candidate_encoded, q_grads.T, pad_id)

@@ -105,7 +105,7 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
 
     t0 = time.perf_counter()
     setup_s = t0 - t_start
-    done = tokens = held = 0
+    done = tokens = 0
     last = t0
     with analysed_grads_only(model, specs):
         for batch in iter_batches(encoded, batch_size, pad):
@@ -130,10 +130,8 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
             del cap
             if grads:
                 pending.append((rows, grads))
-                held += b
-                if held >= group_rows:
+                if sum(len(r) for r, _ in pending) >= group_rows:
                     flush()
-                    held = 0
             done += b
             tokens += batch.n_tokens
             now = time.perf_counter()

@@ -1,6 +1,6 @@
 """Speed and memory of the core engine against a plain training pass and against kronfluence.
 
-Run:  .venv/bin/python bench/bench_core.py [--sizes small,large] [--lengths 512,128] [--docs 32]
+Run:  .venv/bin/python bench/bench_core.py [--sizes small,large] [--lengths 512,128] [--docs 32] [--device cpu]
 
 For each GPT-NeoX size and document length (random tokens; speed does not depend on the values):
 - ``train``: one plain training pass (forward + backward with weight gradients) over the documents;
@@ -30,22 +30,33 @@ SIZES = {
     "small": dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=2, intermediate_size=1024),
     # blocks ≈ 18.9M parameters
     "large": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
+    # blocks ≈ 85M parameters: Pythia-160M's shape (for a GPU)
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
 VOCAB = 4096
 N_QUERIES, RANK = 64, 32
 
 
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timeit(fn, repeat: int = 1) -> float:
     best = float("inf")
     for _ in range(repeat):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
 
 def run_config(size: str, length: int, n_docs: int, batch_size: int, kronfluence: bool, cache_mib: int,
-               out: mp.Queue) -> None:
+               device: str, out: mp.Queue) -> None:
     """Measure one (size, length) configuration; puts a dict on ``out``."""
     import torch
     import torch.nn.functional as F
@@ -59,9 +70,10 @@ def run_config(size: str, length: int, n_docs: int, batch_size: int, kronfluence
     from msif_core.scoring import score_documents
 
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    if device == "cpu":
+        torch.set_num_threads(2)
     cfg = GPTNeoXConfig(vocab_size=VOCAB, max_position_embeddings=max(length, 128), **SIZES[size])
-    model = GPTNeoXForCausalLM(cfg).eval()
+    model = GPTNeoXForCausalLM(cfg).eval().to(device)
     specs = discover_modules(model)
     n_block_params = sum(s.out_features * s.d for s in specs)
     ids = torch.randint(0, VOCAB, (n_docs, length))
@@ -70,10 +82,11 @@ def run_config(size: str, length: int, n_docs: int, batch_size: int, kronfluence
     q_ids = torch.randint(0, VOCAB, (N_QUERIES, q_len))
     queries = Encoded(q_ids.tolist(), [[False] * (q_len // 2) + [True] * (q_len - q_len // 2)] * N_QUERIES)
     res: dict = {"size": size, "length": length, "documents": n_docs, "block_params": n_block_params,
-                 "batch_size": batch_size}
+                 "batch_size": batch_size, "device": torch.cuda.get_device_name() if device == "cuda" else device}
 
     def train_pass() -> None:
         for b in iter_batches(docs, batch_size):
+            b = b.to(device)
             out = model(input_ids=b.input_ids, labels=b.input_ids)
             out.loss.backward()
         model.zero_grad(set_to_none=True)
@@ -101,6 +114,7 @@ def run_config(size: str, length: int, n_docs: int, batch_size: int, kronfluence
     runs: dict[int, list] = {64: [], 1: []}
     for _ in range(2):
         for nq, ih in ((64, ih64), (1, ih1)):
+            _sync()
             r = score_documents(model, ih, docs, batch_size).timings
             runs[nq].append((r["setup_s"] + r["seconds"], r["seconds"], r["setup_s"]))
     (res["score64_s"], res["score64_pass_s"], res["score64_setup_s"]) = min(runs[64])
@@ -150,26 +164,32 @@ def run_config(size: str, length: int, n_docs: int, batch_size: int, kronfluence
                 lab[: self.prompt] = -100
                 return {"input_ids": self.x[i], "labels": lab}
 
-        kmodel = prepare_model(GPTNeoXForCausalLM(cfg).eval(), LMTask())
+        kmodel = prepare_model(GPTNeoXForCausalLM(cfg).eval().to(device), LMTask())
         with tempfile.TemporaryDirectory() as tmp:
             an = Analyzer("bench", kmodel, LMTask(), output_dir=tmp, disable_tqdm=True, disable_model_save=True)
             fargs = FactorArguments(strategy="ekfac")
+            _sync()
             t0 = time.perf_counter()
             an.fit_all_factors("f", DS(ids), per_device_batch_size=batch_size, factor_args=fargs,
                                overwrite_output_dir=True)
+            _sync()
             res["kf_fit_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             an.compute_pairwise_scores("s", "f", query_dataset=DS(q_ids, q_len // 2), train_dataset=DS(ids),
                                        per_device_query_batch_size=N_QUERIES, per_device_train_batch_size=batch_size,
                                        score_args=ScoreArguments(damping_factor=1e-4), overwrite_output_dir=True)
+            _sync()
             res["kf_pairs_s"] = time.perf_counter() - t0
         # msif's pairwise time on the same pairs: query gradients + iHVPs + scoring (exact, not rank-32)
         t0 = time.perf_counter()
         g = measurement_gradients(model, specs, queries, batch_size)
         ih = query_ihvps(g, specs, "ss_if", ft_factors=factors, damping_ft=1e-4)
         score_documents(model, ih, docs, batch_size)
+        _sync()
         res["msif_pairs_s"] = time.perf_counter() - t0
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device == "cuda":
+        res["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     out.put(res)
 
 
@@ -182,6 +202,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-kronfluence", action="store_true")
     ap.add_argument("--cache-mib", type=int, default=1024, help="FitSettings.cache_mib of msif's fit")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the GPU)")
     ap.add_argument("--out", default="bench/out/core.json")
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
@@ -190,7 +211,7 @@ def main() -> None:
         for length in (int(x) for x in args.lengths.split(",")):
             q = ctx.Queue()
             p = ctx.Process(target=run_config, args=(size, length, args.docs, args.batch_size,
-                                                     not args.no_kronfluence, args.cache_mib, q))
+                                                     not args.no_kronfluence, args.cache_mib, args.device, q))
             p.start()
             r = q.get()
             p.join()
@@ -200,7 +221,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(rows, indent=2))
     cols = ["size", "length", "block_params", "train_s", "fit_s", "eigh_s", "fit_over_train", "passes_over_train",
             "kf_fit_s", "score64_s", "score1_s", "score64_over_score1", "score64_pass_over_score1_pass",
-            "score_throughput_vs_train", "msif_pairs_s", "kf_pairs_s", "peak_rss_mib"]
+            "score_throughput_vs_train", "msif_pairs_s", "kf_pairs_s", "peak_rss_mib", "peak_gpu_mib"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

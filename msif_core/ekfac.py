@@ -54,10 +54,10 @@ class FitSettings:
         "help": "Memory (MiB) for keeping the covariance pass's gradients so that the Λ pass needs no second "
                 "forward/backward over them; 0 always recomputes. Results do not depend on it."})
 
-    def generator(self, device: torch.device | str = "cpu") -> torch.Generator:
-        """The seeded generator of one shard's true-Fisher draws; each pass starts a fresh one, so both
-        passes draw the same targets."""
-        g = torch.Generator(device=device)
+    def generator(self) -> torch.Generator:
+        """The seeded (CPU) generator of one shard's true-Fisher draws; each pass starts a fresh one, so
+        both passes draw the same targets, and a model on a GPU draws the same targets as on the CPU."""
+        g = torch.Generator()
         g.manual_seed(self.seed * 1_000_003 + self.shard * 7919 + 1)
         return g
 
@@ -238,7 +238,7 @@ def covariance_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded,
     acc = torch.float64
     a_sum = {s.name: torch.zeros(s.d, s.d, dtype=acc, device=dev) for s in specs}
     s_sum = {s.name: torch.zeros(s.n_blocks, s.p, s.p, dtype=acc, device=dev) for s in specs}
-    gen = settings.generator(dev)
+    gen = settings.generator()
     prog = _Progress("EK-FAC covariance pass", len(encoded))
     tokens = 0
     with analysed_grads_only(model, specs):
@@ -301,7 +301,7 @@ def lambda_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, bas
     qa = {s.name: basis.q_a[s.name].to(dev, dtype) for s in specs}
     qs = {s.name: basis.q_s[s.name].to(dev, dtype) for s in specs}
     cached = cache.batches if cache is not None else []
-    gen = settings.generator(dev)
+    gen = settings.generator()
     if cached:
         gen.set_state(cache.state)
     prog = _Progress("EK-FAC eigenvalue pass", len(encoded))
@@ -331,6 +331,12 @@ class Factors:
     q_s: dict[str, torch.Tensor]
     lam: dict[str, torch.Tensor]
     manifest: dict
+
+    def to(self, device: torch.device | str) -> Factors:
+        """The same factors with their tensors on ``device``."""
+        def move(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.to(device) for k, v in d.items()}
+        return Factors(self.specs, move(self.q_a), move(self.q_s), move(self.lam), self.manifest)
 
     def damping_for(self, name: str, damping: float | str) -> torch.Tensor:
         """Per-block damping: a number (absolute) or ``"relative:c"`` = c × mean(Λ) of each block."""

@@ -64,11 +64,14 @@ def sample_from_probs(probs: torch.Tensor, generator: torch.Generator | None = N
     """One draw per row of probabilities [N, V] by inverting the cumulative distribution.
 
     One uniform number per row (from ``generator``, in row order): cheaper than ``torch.multinomial``
-    over a large vocabulary, and reproducible.
+    over a large vocabulary, and reproducible. The uniforms are drawn on the generator's own device and
+    moved to the probabilities' one, so a CPU generator gives the same draws on CPU and GPU.
     """
     with torch.no_grad():
         cdf = probs.cumsum(dim=-1)
-        u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+        where = generator.device if generator is not None else cdf.device
+        u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=where).to(cdf.device)
+        u = u * cdf[:, -1:]
         return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[-1] - 1)
 
 

@@ -304,8 +304,11 @@ def _text(ids):
     return " ".join(f"w{i}" for i in ids)
 
 
-def test_attribute_end_to_end(tmp_path):
-    """The public one-call API on two saved checkpoints equals the explicit computations (float32)."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_attribute_end_to_end(tmp_path, device):
+    """The public one-call API on two saved checkpoints equals the explicit computations (float32), also
+    with the models on a GPU (the reference stays on the CPU)."""
     pt = tiny_model("gpt_neox", seed=9)
     ft = perturbed_copy(pt, 0.05)
     tok = _word_tokenizer()
@@ -323,7 +326,7 @@ def test_attribute_end_to_end(tmp_path):
     qs = [(f"q{i}", _text(x[:k]), " " + _text(x[k:])) for i, (x, k) in enumerate(zip(queries.input_ids, split))]
     settings = AttributionSettings(fisher="true", batch_size=3, damping_finetune=1e-1, damping_pretrain=1e-2,
                                    max_length=16, seed=3)
-    table = attribute(tmp_path / "pt", tmp_path / "ft", documents, finetuning, qs, settings)
+    table = attribute(tmp_path / "pt", tmp_path / "ft", documents, finetuning, qs, settings, device=device)
 
     assert set(table.method) == {"ms_if", "ss_if", "gdp"} and len(table) == 3 * 6 * 2
     # the tokenizer reproduces our ids, so the brute force below sees the same data

@@ -4,7 +4,9 @@ Everything here is deliberately written the slow, explicit way and independently
 ``msif_core.gradients``: one unpadded sequence at a time, losses as explicit loops over target
 positions (the logits at position t-1 score token t), weight gradients read back from ``.grad``
 with ``msif_core.models.block_matrix(..., grad=True)``, and EK-FAC inverses formed as explicit
-Kronecker matrices. Models are tiny, random and float64, built from transformers configs.
+Kronecker matrices. Models are tiny, random and float64, built from transformers configs. The models
+may sit on a GPU (``tests/test_core_cuda.py``): inputs follow the model, and every sum or gradient kept
+for comparison is returned on the CPU.
 """
 
 from __future__ import annotations
@@ -131,12 +133,16 @@ def with_labels(encoded: Encoded, n_labels: int, seed: int) -> Encoded:
 
 # ------------------------------------------------------------------------------- brute-force losses
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def lm_loss(model, ids: Sequence[int], mask: Sequence[bool], targets: Sequence[int] | None = None) -> torch.Tensor:
     """Σ over target positions t (mask[t]) of −log p(targets[t] | ids[:t]); targets default to ids.
 
     One unpadded sequence; the logits at position t−1 are the prediction of token t.
     """
-    x = torch.tensor([list(ids)])
+    x = torch.tensor([list(ids)], device=_device(model))
     logp = torch.log_softmax(model(input_ids=x).logits[0], dim=-1)
     tgt = list(ids) if targets is None else list(targets)
     terms = [-logp[t - 1, tgt[t]] for t in range(1, len(ids)) if mask[t]]
@@ -145,7 +151,7 @@ def lm_loss(model, ids: Sequence[int], mask: Sequence[bool], targets: Sequence[i
 
 def label_loss(model, ids: Sequence[int], label: int) -> torch.Tensor:
     """−log p(label | ids) of a sequence-classification model on one unpadded sequence."""
-    logits = model(input_ids=torch.tensor([list(ids)])).logits[0]
+    logits = model(input_ids=torch.tensor([list(ids)], device=_device(model))).logits[0]
     return -torch.log_softmax(logits, dim=-1)[label]
 
 
@@ -177,7 +183,7 @@ def sampled_targets(model, encoded: Encoded, batch_size: int, generator: torch.G
         for i in order[start:start + batch_size]:
             ids, mask = encoded.input_ids[i], encoded.loss_mask[i]
             with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids])).logits[0]
+                logits = model(input_ids=torch.tensor([ids], device=_device(model))).logits[0]
             targets[i] = list(ids)
             for t in range(1, len(ids)):
                 if mask[t]:
@@ -197,7 +203,8 @@ def sampled_labels(model, encoded: Encoded, batch_size: int, generator: torch.Ge
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         with torch.no_grad():
-            probs = [torch.softmax(model(input_ids=torch.tensor([encoded.input_ids[i]])).logits[0].double(), -1)
+            probs = [torch.softmax(model(input_ids=torch.tensor([encoded.input_ids[i]], device=_device(model)))
+                                   .logits[0].double(), -1)
                      for i in chunk]
         for i, y in zip(chunk, sample_from_logits(torch.stack(probs).log(), generator).tolist()):
             labels[i] = y
@@ -210,7 +217,7 @@ def sequence_grads(model, specs: list[ModuleSpec], loss_fn: Callable) -> dict[st
     """The [P, d] weight(+bias) gradient of every analysed module for one sequence's loss."""
     model.zero_grad(set_to_none=True)
     loss_fn().backward()
-    out = {s.name: block_matrix(model, s, grad=True).detach().clone() for s in specs}
+    out = {s.name: block_matrix(model, s, grad=True).detach().cpu().clone() for s in specs}
     model.zero_grad(set_to_none=True)
     return out
 
@@ -231,7 +238,7 @@ class BruteRun:
                 def hook(mod, args, out, s=s, acts=acts, outs=outs):
                     x = args[0].detach()[0]  # [T, in]
                     if s.has_bias:
-                        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+                        x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
                     acts[s.name] = x
                     out.retain_grad()
                     outs[s.name] = out
@@ -245,9 +252,9 @@ class BruteRun:
             loss.backward()
             grads = {}
             for s in specs:
-                a = acts[s.name]
-                ds = outs[s.name].grad[0]  # [T, P]
-                dw = block_matrix(model, s, grad=True).detach().clone()
+                a = acts[s.name].cpu()
+                ds = outs[s.name].grad[0].cpu()  # [T, P]
+                dw = block_matrix(model, s, grad=True).detach().cpu().clone()
                 # the captured a_t, ds_t are aligned with each other and with autograd's weight gradient
                 torch.testing.assert_close(ds.t() @ a, dw, rtol=1e-10, atol=1e-12)
                 self.a_sum[s.name] += a.t() @ a

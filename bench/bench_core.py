@@ -56,7 +56,7 @@ def _timeit(fn, repeat: int = 1) -> float:
 
 
 def run_config(size: str, length: int, n_docs: int, batch_size: int, kronfluence: bool, cache_mib: int,
-               device: str, out: mp.Queue) -> None:
+               device: str, retain: bool, out: mp.Queue) -> None:
     """Measure one (size, length) configuration; puts a dict on ``out``."""
     import torch
     import torch.nn.functional as F
@@ -65,10 +65,13 @@ def run_config(size: str, length: int, n_docs: int, batch_size: int, kronfluence
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from msif_core.data import Encoded, iter_batches
     from msif_core.ekfac import FitSettings, fit_ekfac
+    from msif_core.memory import retain_freed_memory
     from msif_core.models import discover_modules
     from msif_core.query import measurement_gradients, query_ihvps
     from msif_core.scoring import score_documents
 
+    if retain:
+        retain_freed_memory()
     torch.manual_seed(0)
     if device == "cpu":
         torch.set_num_threads(2)
@@ -82,7 +85,8 @@ def run_config(size: str, length: int, n_docs: int, batch_size: int, kronfluence
     q_ids = torch.randint(0, VOCAB, (N_QUERIES, q_len))
     queries = Encoded(q_ids.tolist(), [[False] * (q_len // 2) + [True] * (q_len - q_len // 2)] * N_QUERIES)
     res: dict = {"size": size, "length": length, "documents": n_docs, "block_params": n_block_params,
-                 "batch_size": batch_size, "device": torch.cuda.get_device_name() if device == "cuda" else device}
+                 "batch_size": batch_size, "retain_memory": retain,
+                 "device": torch.cuda.get_device_name() if device == "cuda" else device}
 
     def train_pass() -> None:
         for b in iter_batches(docs, batch_size):
@@ -202,6 +206,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-kronfluence", action="store_true")
     ap.add_argument("--cache-mib", type=int, default=1024, help="FitSettings.cache_mib of msif's fit")
+    ap.add_argument("--no-retain-memory", action="store_true",
+                    help="leave glibc's malloc as it is (msif_core.memory.retain_freed_memory not called)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the GPU)")
     ap.add_argument("--out", default="bench/out/core.json")
     args = ap.parse_args()
@@ -211,7 +217,8 @@ def main() -> None:
         for length in (int(x) for x in args.lengths.split(",")):
             q = ctx.Queue()
             p = ctx.Process(target=run_config, args=(size, length, args.docs, args.batch_size,
-                                                     not args.no_kronfluence, args.cache_mib, args.device, q))
+                                                     not args.no_kronfluence, args.cache_mib, args.device,
+                                                     not args.no_retain_memory, q))
             p.start()
             r = q.get()
             p.join()

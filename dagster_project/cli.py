@@ -196,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", nargs="?", help="experiment TOML (default: $MSIF_CONFIG, else the demo world)")
     p.set_defaults(func=cmd_ui)
     args = parser.parse_args(argv)
+    from msif_core.memory import retain_freed_memory
+
+    retain_freed_memory()
     return args.func(args)
 
 

@@ -44,6 +44,7 @@ class DeviceResource(dg.ConfigurableResource):
     device: str = "auto"
     dtype: str = "float32"
     torch_threads: int = 0  # 0 = leave torch's default
+    retain_freed_memory: bool = True  # keep freed memory for reuse (msif_core.memory): faster CPU passes
 
     def torch_device(self) -> str:
         """The resolved torch device string."""
@@ -62,7 +63,11 @@ class DeviceResource(dg.ConfigurableResource):
         return getattr(torch, self.dtype)
 
     def setup(self) -> None:
-        """Apply ``torch_threads``."""
+        """Apply ``torch_threads`` and ``retain_freed_memory``."""
+        if self.retain_freed_memory:
+            from msif_core.memory import retain_freed_memory
+
+            retain_freed_memory()
         if self.torch_threads > 0:
             import torch
 

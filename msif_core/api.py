@@ -27,6 +27,7 @@ import torch
 
 from .data import Encoded, encode_classification, encode_documents, encode_pairs, pad_id_of
 from .ekfac import Factors, FitSettings, fit_ekfac
+from .memory import retain_freed_memory
 from .models import LoadedModel, ModuleSpec, check_compatible, discover_modules, load_model
 from .query import measurement_gradients, query_ihvps
 from .scoring import ScoreResult, score_documents
@@ -154,6 +155,7 @@ def attribute(pretrained: str | Path, finetuned: str | Path, documents: Sequence
         A long DataFrame; positive scores mean the document supports the completion, rank 1 first.
     """
     settings = settings or AttributionSettings()
+    retain_freed_memory()
     t0 = time.perf_counter()
     pt, ft = load_stages(pretrained, finetuned, settings, device=device)
     docs = encode_documents(pt.loaded.tokenizer, [t for _, t in documents], settings.max_length)

@@ -224,6 +224,28 @@ def _add_lambda(lam: torch.Tensor, s: ModuleSpec, inputs: tuple[torch.Tensor, ..
     lam += (g * g).sum(0).to(torch.float64)
 
 
+def _add_gram_upper(acc: torch.Tensor, x: torch.Tensor, n_parts: int = 4) -> None:
+    """``acc += xᵀ x`` for ``x`` [N, d] on and above the diagonal; below it ``acc`` is not meaningful.
+
+    The columns are cut into ``n_parts`` bands and only the products on and right of the diagonal are
+    formed: 10/16 of the flops of ``x.t() @ x`` with 4 bands (about 35% less time at the widths of a
+    transformer's MLP). Narrow matrices take one full product.
+    """
+    d = x.shape[1]
+    if d < 256:
+        acc += (x.t() @ x).to(acc.dtype)
+        return
+    edges = [round(i * d / n_parts) for i in range(n_parts + 1)]
+    xt = x.t()
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        acc[lo:hi, lo:] += (xt[lo:hi] @ x[:, lo:]).to(acc.dtype)
+
+
+def _symmetric_from_upper(m: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix (batch) whose upper triangle is that of ``m``."""
+    return m.triu() + m.triu(1).transpose(-1, -2)
+
+
 def covariance_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded,
                     settings: FitSettings, pad_id: int | None = None,
                     cache: PassCache | None = None) -> CovarianceSums:
@@ -248,15 +270,18 @@ def covariance_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded,
             n = batch.n_tokens
             tokens += n
             for s in specs:  # padding rows of a and ds are zero, so they add nothing
-                a = cap.a[s.name].reshape(-1, s.d)
-                ds = cap.ds[s.name].reshape(-1, s.n_blocks, s.p)
-                a_sum[s.name] += (a.t() @ a).to(acc)
-                s_sum[s.name] += torch.einsum("nbp,nbq->bpq", ds, ds).to(acc)
+                _add_gram_upper(a_sum[s.name], cap.a[s.name].reshape(-1, s.d))
+                if s.n_blocks == 1:
+                    _add_gram_upper(s_sum[s.name][0], cap.ds[s.name].reshape(-1, s.p))
+                else:
+                    ds = cap.ds[s.name].reshape(-1, s.n_blocks, s.p)
+                    s_sum[s.name] += torch.einsum("nbp,nbq->bpq", ds, ds).to(acc)
             if cache is not None and not cache.full:
                 cache.offer({s.name: _lambda_inputs(s, cap.a[s.name], cap.ds[s.name]) for s in specs},
                             gen.get_state())
             prog.step(len(batch.index), n)
-    return CovarianceSums(a_sum, s_sum, tokens, len(encoded))
+    return CovarianceSums({k: _symmetric_from_upper(v) for k, v in a_sum.items()},
+                          {k: _symmetric_from_upper(v) for k, v in s_sum.items()}, tokens, len(encoded))
 
 
 def eigenbasis(sums: CovarianceSums, specs: list[ModuleSpec] | None = None) -> Eigenbasis:

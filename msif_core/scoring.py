@@ -55,7 +55,7 @@ def _costs(spec: ModuleSpec, t: int, q: int, r: int) -> tuple[float, float]:
 
 
 def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch_size: int = 8,
-                    pad_id: int | None = None, strategy: str = "auto", group_mib: int = 256) -> ScoreResult:
+                    pad_id: int | None = None, strategy: str = "auto", group_mib: float = 2048) -> ScoreResult:
     """Score every document in ``encoded`` against every query iHVP in ``ihvps``.
 
     ``model`` is θ_pt for MS-IF and GDP, θ_ft for SS-IF. The document loss is its summed next-token
@@ -87,21 +87,34 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
     uv = {s.name: (ihvps.u[s.name].to(dev, dtype), ihvps.v[s.name].to(dev, dtype))
           for s in specs if ihvps.rank > 0}
     seq_bytes = sum(s.out_features * s.d for s in specs) * torch.finfo(dtype).bits // 8
-    group_rows = max(1, group_mib * 2**20 // seq_bytes)
-    pending: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []  # (rows, per-module gradients)
+    # whole batches per group (a batch that would overflow the group flushes it first)
+    group_rows = min(n, max(batch_size, int(group_mib * 2**20 // seq_bytes) // batch_size * batch_size))
+    # per module, a buffer of per-sequence gradients [group, n, p·d] that batches write into; a full buffer
+    # is scored with one product against the iHVPs (read once per group, not once per batch)
+    bufs: dict[str, torch.Tensor] = {}
+    held: dict[str, list[torch.Tensor]] = {}  # per module, the document rows in its buffer, in order
 
-    def flush() -> None:
-        if not pending:
+    def flush(name: str) -> None:
+        rows = held.pop(name, [])
+        if not rows:
             return
-        # a module may have taken the low-rank contraction in some batches (it depends on their length)
-        for name in dict.fromkeys(k for _, gs in pending for k in gs):
-            held_here = [(r, gs[name]) for r, gs in pending if name in gs]
-            rows = torch.cat([r for r, _ in held_here])
-            g = torch.cat([x for _, x in held_here]) if len(held_here) > 1 else held_here[0][1]
-            sc = torch.matmul(g.transpose(0, 1), dense[name].transpose(1, 2)).transpose(0, 1)  # [B, n, Q]
-            col = first_col[name]
-            by_block[rows, col:col + ihvps.specs[name].n_blocks] = sc.double().cpu()
-        pending.clear()
+        rows_t = torch.cat(rows)
+        g = bufs[name][:len(rows_t)]  # [k, n, p·d]
+        sc = torch.matmul(dense[name], g.permute(1, 2, 0))  # [n, Q, k]
+        col = first_col[name]
+        by_block[rows_t, col:col + ihvps.specs[name].n_blocks] = sc.permute(2, 0, 1).double().cpu()
+
+    def add(name: str, rows: torch.Tensor, ds: torch.Tensor, a: torch.Tensor) -> None:
+        s = ihvps.specs[name]
+        b = len(rows)
+        if sum(len(r) for r in held.get(name, [])) + b > group_rows:
+            flush(name)
+        if name not in bufs or bufs[name].shape[0] < b:
+            bufs[name] = torch.empty(max(group_rows, b), s.n_blocks, s.p * s.d, dtype=a.dtype, device=a.device)
+        at = sum(len(r) for r in held.get(name, []))
+        out = bufs[name][at:at + b].view(b, s.out_features, s.d)
+        torch.matmul(ds.transpose(1, 2), a, out=out)
+        held.setdefault(name, []).append(rows)
 
     t0 = time.perf_counter()
     setup_s = t0 - t_start
@@ -113,7 +126,6 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
             cap = forward_backward(model, specs, batch, fisher="empirical")
             b, t = batch.input_ids.shape
             rows = torch.tensor(batch.index)
-            grads = {}
             for s in specs:
                 a, ds = cap.a[s.name], cap.ds[s.name]
                 c_dense, c_low = _costs(s, t, nq, ihvps.rank)
@@ -125,20 +137,17 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
                     col = first_col[s.name]
                     by_block[rows, col:col + s.n_blocks] = (x * y).sum(dim=(-1, -2)).double().cpu()  # [B, n, Q]
                 else:  # the batch's per-sequence gradients, scored with the group
-                    grads[s.name] = torch.matmul(ds.transpose(1, 2), a).view(b, s.n_blocks, s.p * s.d)
+                    add(s.name, rows, ds, a)
             losses[rows] = cap.per_sequence_loss.double().cpu()
             del cap
-            if grads:
-                pending.append((rows, grads))
-                if sum(len(r) for r, _ in pending) >= group_rows:
-                    flush()
             done += b
             tokens += batch.n_tokens
             now = time.perf_counter()
             if now - last > 10 or done == n:
                 log.info("scored %d/%d documents x %d queries, %.1f docs/s", done, n, nq, done / (now - t0))
                 last = now
-        flush()
+        for name in list(held):
+            flush(name)
     secs = time.perf_counter() - t0
     bb = by_block.numpy()
     return ScoreResult(bb.sum(axis=1), bb, [b.name for b in blocks], [b.kind for b in blocks], losses.numpy(),

@@ -29,7 +29,9 @@ from msif_core.data import Encoded, collate
 from msif_core.ekfac import (
     FitSettings,
     PassCache,
+    _add_gram_upper,
     _per_sequence_branch,
+    _symmetric_from_upper,
     covariance_sums,
     eigenbasis,
     fit_ekfac,
@@ -122,6 +124,26 @@ def test_true_fisher_for_a_classification_head_matches_brute_force():
     assert drawn != enc.labels
     bf = BruteRun(model, specs, loss_closures(model, Encoded(enc.input_ids, enc.loss_mask, labels=drawn)))
     _check_factors(model, specs, enc, settings, bf, bf)
+
+
+def test_banded_gram_is_the_upper_triangle_of_the_full_product():
+    """Wide covariances are summed band by band, on and above the diagonal (what is below is ignored)."""
+    x = torch.randn(50, 301, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    acc = torch.full((301, 301), 7.0, dtype=torch.float64)
+    _add_gram_upper(acc, x)
+    full = x.t() @ x + 7.0
+    torch.testing.assert_close(acc.triu(), full.triu(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_symmetric_from_upper(acc), full, rtol=1e-12, atol=1e-12)
+
+
+def test_wide_modules_match_brute_force():
+    """Modules wider than 256 (banded covariance sums) against the brute force, empirical Fisher."""
+    model = tiny_model("gpt_neox", seed=1, hidden_size=256, intermediate_size=512, num_hidden_layers=1)
+    specs = discover_modules(model)
+    assert max(s.d for s in specs) > 256 and max(s.p for s in specs) > 256
+    enc = random_docs(3, 3, 6, seed=15)
+    bf = BruteRun(model, specs, loss_closures(model, enc))
+    _check_factors(model, specs, enc, FitSettings(fisher="empirical", batch_size=2), bf, bf)
 
 
 LONG_DOCS = random_docs(5, 32, 45, seed=14)  # long enough that Λ rotates per-sequence gradients

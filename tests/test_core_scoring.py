@@ -185,9 +185,10 @@ def test_auto_contraction_mixing_strategies_across_grouped_batches():
     assert any(len({chosen[s.name, t] for t in lengths}) == 2 for s in w.specs), "…within one module"
     want = w.explicit({n: ih.matrix(n) for n in w.names},
                       w.stack([sequence_grads(w.ft, w.specs, fn) for fn in loss_closures(w.ft, docs)]))
-    for group_mib in (0, 1024):
-        res = score_documents(w.ft, ih, docs, batch_size=1, pad_id=PAD, group_mib=group_mib)
-        assert rel_err(res.scores, want) < 1e-9, group_mib
+    two_and_a_half = 2.5 * sum(s.out_features * s.d for s in w.specs) * 8 / 2**20  # MiB of 2.5 sequences
+    for group_mib, batch_size in ((0, 1), (1024, 1), (two_and_a_half, 1), (two_and_a_half, 3)):
+        res = score_documents(w.ft, ih, docs, batch_size=batch_size, pad_id=PAD, group_mib=group_mib)
+        assert rel_err(res.scores, want) < 1e-9, (group_mib, batch_size)
 
 
 def test_per_block_scores_are_labelled_and_add_up():

@@ -149,17 +149,16 @@ def forward_backward(model: nn.Module, specs: list[ModuleSpec], batch: Batch, fi
             grads = torch.autograd.grad(per_seq.sum(), [outputs[n] for n in names], allow_unused=True)
         loss = per_seq.sum()
     keep = batch.attention_mask.unsqueeze(-1).to(next(iter(inputs.values())).dtype)
+    padded = not bool(batch.attention_mask.all())
     a: dict[str, torch.Tensor] = {}
     ds: dict[str, torch.Tensor] = {}
     for s, g in zip(specs, grads):
         x = inputs[s.name]
-        if s.has_bias:  # [a, 1] on real tokens, zeros on padding, in one pass
-            xb = x.new_empty(*x.shape[:-1], x.shape[-1] + 1)
-            torch.mul(x, keep, out=xb[..., :-1])
-            xb[..., -1:] = keep
-            a[s.name] = xb
+        if s.has_bias:  # [a, 1] on real tokens, zeros on padding
+            xb = F.pad(x, (0, 1), value=1.0)  # one contiguous copy (writing through a strided view is slow)
+            a[s.name] = xb.mul_(keep) if padded else xb
         else:
-            a[s.name] = x * keep
+            a[s.name] = x * keep if padded else x
         ds[s.name] = torch.zeros_like(outputs[s.name]) if g is None else g.detach()
     return Captured(a, ds, loss.detach(), per_seq.detach())
 

@@ -55,15 +55,16 @@ def _costs(spec: ModuleSpec, t: int, q: int, r: int) -> tuple[float, float]:
 
 
 def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch_size: int = 8,
-                    pad_id: int | None = None, strategy: str = "auto", group_mib: float = 2048) -> ScoreResult:
+                    pad_id: int | None = None, strategy: str = "auto", group_mib: float = 4096) -> ScoreResult:
     """Score every document in ``encoded`` against every query iHVP in ``ihvps``.
 
     ``model`` is θ_pt for MS-IF and GDP, θ_ft for SS-IF. The document loss is its summed next-token
     cross-entropy over its own tokens. Results are in the order of ``encoded``.
 
     With the ``"gradient"`` contraction, the per-sequence gradients of successive batches are grouped
-    (up to ``group_mib`` MiB) before their product with the query iHVPs, so that the iHVPs, read once
-    per group, are not re-read for every small batch: many queries then cost little more than one.
+    (about one sequence per query, at most ``group_mib`` MiB) before their product with the query
+    iHVPs, so that the iHVPs, read once per group, are not re-read for every small batch: many queries
+    then cost little more than one.
     """
     if strategy not in ("auto", "gradient", "low_rank"):
         raise ValueError(f"strategy must be auto, gradient or low_rank, got {strategy!r}")
@@ -87,8 +88,10 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
     uv = {s.name: (ihvps.u[s.name].to(dev, dtype), ihvps.v[s.name].to(dev, dtype))
           for s in specs if ihvps.rank > 0}
     seq_bytes = sum(s.out_features * s.d for s in specs) * torch.finfo(dtype).bits // 8
-    # whole batches per group (a batch that would overflow the group flushes it first)
-    group_rows = min(n, max(batch_size, int(group_mib * 2**20 // seq_bytes) // batch_size * batch_size))
+    # a group as large as the number of queries (reading the iHVPs then costs about what writing the
+    # group's gradients does), within the memory budget, in whole batches (an overflowing batch flushes first)
+    budget_rows = int(group_mib * 2**20 // seq_bytes) // batch_size * batch_size
+    group_rows = min(n, max(batch_size, min(-(-nq // batch_size) * batch_size, budget_rows)))
     # per module, a buffer of per-sequence gradients [group, n, p·d] that batches write into; a full buffer
     # is scored with one product against the iHVPs (read once per group, not once per batch)
     bufs: dict[str, torch.Tensor] = {}

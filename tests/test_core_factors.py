@@ -30,8 +30,8 @@ from msif_core.ekfac import (
     FitSettings,
     PassCache,
     _add_gram_upper,
+    _mirror_lower,
     _per_sequence_branch,
-    _symmetric_from_upper,
     covariance_sums,
     eigenbasis,
     fit_ekfac,
@@ -127,13 +127,13 @@ def test_true_fisher_for_a_classification_head_matches_brute_force():
 
 
 def test_banded_gram_is_the_upper_triangle_of_the_full_product():
-    """Wide covariances are summed band by band, on and above the diagonal (what is below is ignored)."""
+    """Wide covariances are summed band by band on and right of the diagonal blocks, then mirrored."""
     x = torch.randn(50, 301, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     acc = torch.full((301, 301), 7.0, dtype=torch.float64)
     _add_gram_upper(acc, x)
     full = x.t() @ x + 7.0
     torch.testing.assert_close(acc.triu(), full.triu(), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_symmetric_from_upper(acc), full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_mirror_lower(acc), full, rtol=1e-12, atol=1e-12)
 
 
 def test_wide_modules_match_brute_force():

@@ -25,8 +25,8 @@ def retain_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory (no per-allocation ``mmap``, no trimming) for this process.
 
     Idempotent; returns whether the setting is in force (False off Linux/glibc, where it does nothing).
-    Called by msif's entry points (``msif`` CLI, Dagster assets, ``attribute``, the benchmarks); a
-    library user calls it once at start-up.
+    Called by msif's entry points (the ``msif`` CLI, the Dagster ``DeviceResource``, ``attribute``,
+    bench/bench_core.py); a library user calls it once at start-up.
     """
     if "on" in _state:
         return _state["on"]

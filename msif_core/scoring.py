@@ -96,28 +96,28 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
     # is scored with one product against the iHVPs (read once per group, not once per batch)
     bufs: dict[str, torch.Tensor] = {}
     held: dict[str, list[torch.Tensor]] = {}  # per module, the document rows in its buffer, in order
+    filled: dict[str, int] = {}  # per module, how many rows of its buffer hold gradients
 
     def flush(name: str) -> None:
-        rows = held.pop(name, [])
-        if not rows:
+        rows, k = held.pop(name, []), filled.pop(name, 0)
+        if not k:
             return
-        rows_t = torch.cat(rows)
-        g = bufs[name][:len(rows_t)]  # [k, n, p·d]
+        g = bufs[name][:k]  # [k, n, p·d]
         sc = torch.matmul(dense[name], g.permute(1, 2, 0))  # [n, Q, k]
         col = first_col[name]
-        by_block[rows_t, col:col + ihvps.specs[name].n_blocks] = sc.permute(2, 0, 1).double().cpu()
+        by_block[torch.cat(rows), col:col + ihvps.specs[name].n_blocks] = sc.permute(2, 0, 1).double().cpu()
 
     def add(name: str, rows: torch.Tensor, ds: torch.Tensor, a: torch.Tensor) -> None:
         s = ihvps.specs[name]
         b = len(rows)
-        if sum(len(r) for r in held.get(name, [])) + b > group_rows:
+        if filled.get(name, 0) + b > group_rows:
             flush(name)
         if name not in bufs or bufs[name].shape[0] < b:
             bufs[name] = torch.empty(max(group_rows, b), s.n_blocks, s.p * s.d, dtype=a.dtype, device=a.device)
-        at = sum(len(r) for r in held.get(name, []))
-        out = bufs[name][at:at + b].view(b, s.out_features, s.d)
-        torch.matmul(ds.transpose(1, 2), a, out=out)
+        at = filled.get(name, 0)
+        torch.matmul(ds.transpose(1, 2), a, out=bufs[name][at:at + b].view(b, s.out_features, s.d))
         held.setdefault(name, []).append(rows)
+        filled[name] = at + b
 
     t0 = time.perf_counter()
     setup_s = t0 - t_start

@@ -340,6 +340,12 @@ def dot(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], names: Sequence[
     return float(sum((x[n].double() * y[n].double()).sum() for n in names))
 
 
+def assert_scaled_close(x: torch.Tensor, y: torch.Tensor, what: str, tol: float = 1e-9) -> None:
+    """|x − y| ≤ tol · max |y| elementwise (both on the CPU)."""
+    scale = y.abs().max().clamp_min(1e-30)
+    torch.testing.assert_close(x / scale, y / scale, rtol=0, atol=tol, msg=what)
+
+
 def rel_err(a, b) -> float:
     """max |a − b| / max |b|."""
     a, b = (torch.as_tensor(np.array(x, dtype=np.float64)) if not torch.is_tensor(x) else x.double() for x in (a, b))

@@ -20,6 +20,7 @@ from core_helpers import (
     PAD,
     BruteRun,
     assert_eigenbasis,
+    assert_scaled_close,
     explicit_precondition,
     loss_closures,
     random_docs,
@@ -43,12 +44,6 @@ PAIRS = random_pairs(6, (2, 4), (1, 4), seed=12)
 LONG_DOCS = random_docs(5, 32, 45, seed=14)
 
 
-def _close(x: torch.Tensor, y: torch.Tensor, what: str, tol: float = 1e-9) -> None:
-    assert x.device.type == "cpu" and y.device.type == "cpu"
-    scale = y.abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(x / scale, y / scale, rtol=0, atol=tol, msg=what)
-
-
 def _fit_on_gpu_and_check(model, enc, settings: FitSettings) -> None:
     specs = discover_modules(model)
     gpu = copy.deepcopy(model).to(GPU)
@@ -59,19 +54,19 @@ def _fit_on_gpu_and_check(model, enc, settings: FitSettings) -> None:
     assert sums.tokens == bf.tokens
     for s in specs:
         assert sums.a[s.name].device.type == "cuda"
-        _close(sums.a[s.name].cpu(), bf.a_sum[s.name], f"A sum of {s.name}")
-        _close(sums.s[s.name].cpu(), bf.s_sum[s.name], f"S sums of {s.name}")
+        assert_scaled_close(sums.a[s.name].cpu(), bf.a_sum[s.name], f"A sum of {s.name}")
+        assert_scaled_close(sums.s[s.name].cpu(), bf.s_sum[s.name], f"S sums of {s.name}")
     f = fit_ekfac(gpu, specs, enc, settings, PAD).to("cpu")
     for s in specs:
         assert_eigenbasis(f.q_a[s.name], bf.a_sum[s.name] / bf.tokens, f"Q_A of {s.name}")
     lam = bf.lam(f.q_a, f.q_s)
     for s in specs:
-        _close(f.lam[s.name], lam[s.name], f"Λ of {s.name}")
+        assert_scaled_close(f.lam[s.name], lam[s.name], f"Λ of {s.name}")
     # the same draws on the CPU: the CPU fit's covariances agree up to the models' own CPU/GPU difference
     cpu = covariance_sums(model, specs, enc, settings, PAD)
     for s in specs:
-        _close(cpu.a[s.name], sums.a[s.name].cpu(), f"CPU vs GPU A of {s.name}", tol=1e-5)
-        _close(cpu.s[s.name], sums.s[s.name].cpu(), f"CPU vs GPU S of {s.name}", tol=1e-5)
+        assert_scaled_close(cpu.a[s.name], sums.a[s.name].cpu(), f"CPU vs GPU A of {s.name}", tol=1e-5)
+        assert_scaled_close(cpu.s[s.name], sums.s[s.name].cpu(), f"CPU vs GPU S of {s.name}", tol=1e-5)
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "true"])

@@ -15,6 +15,7 @@ from core_helpers import (
     PAD,
     BruteRun,
     assert_eigenbasis,
+    assert_scaled_close,
     loss_closures,
     one_thread,  # noqa: F401  (autouse fixture)
     random_docs,
@@ -52,18 +53,13 @@ def models():
     return {arch: tiny_model(arch, seed=1) for arch in ARCHS}
 
 
-def _close(x, y, what, rtol=1e-9):
-    scale = y.abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(x / scale, y / scale, rtol=0, atol=rtol, msg=what)
-
-
 def _check_factors(model, specs, enc, settings, bf_cov: BruteRun, bf_lam: BruteRun):
     sums = covariance_sums(model, specs, enc, settings, PAD)
     assert sums.tokens == bf_cov.tokens == enc.n_tokens  # padding never counted
     assert sums.sequences == len(enc)
     for s in specs:
-        _close(sums.a[s.name], bf_cov.a_sum[s.name], f"A sum of {s.name}")
-        _close(sums.s[s.name], bf_cov.s_sum[s.name], f"S sums of {s.name}")
+        assert_scaled_close(sums.a[s.name], bf_cov.a_sum[s.name], f"A sum of {s.name}")
+        assert_scaled_close(sums.s[s.name], bf_cov.s_sum[s.name], f"S sums of {s.name}")
     f = fit_ekfac(model, specs, enc, settings, PAD)
     assert f.manifest["tokens"] == enc.n_tokens and f.manifest["sequences"] == len(enc)
     for s in specs:
@@ -72,7 +68,7 @@ def _check_factors(model, specs, enc, settings, bf_cov: BruteRun, bf_lam: BruteR
             assert_eigenbasis(f.q_s[s.name][j], bf_cov.s_sum[s.name][j] / bf_cov.tokens, f"Q_S of {b.name}")
     lam = bf_lam.lam(f.q_a, f.q_s)
     for s in specs:
-        _close(f.lam[s.name], lam[s.name], f"Λ of {s.name}")
+        assert_scaled_close(f.lam[s.name], lam[s.name], f"Λ of {s.name}")
     return f
 
 
@@ -184,7 +180,8 @@ def test_lambda_pass_is_the_same_cached_partly_cached_or_recomputed(models, docs
     lams["no cache"] = lambda_sums(model, specs, docs, basis, settings, PAD)
     for label in ("one", "none", "no cache"):
         for s in specs:
-            _close(lams[label].lam[s.name], lams["all"].lam[s.name], f"Λ of {s.name}, cache {label}", rtol=1e-12)
+            assert_scaled_close(lams[label].lam[s.name], lams["all"].lam[s.name], f"Λ of {s.name}, cache {label}",
+                                tol=1e-12)
 
 
 def _onehot_logits(batch, scale=40.0):
@@ -259,15 +256,15 @@ def test_batch_size_and_padding_do_not_change_factors(models):
     sums = [covariance_sums(model, specs, PAIRS, FitSettings(fisher="empirical", batch_size=bs), pad)
             for bs, pad in ((1, PAD), (4, 7))]
     for s in specs:
-        _close(sums[1].a[s.name], sums[0].a[s.name], "A sums vs batch size")
-        _close(sums[1].s[s.name], sums[0].s[s.name], "S sums vs batch size")
+        assert_scaled_close(sums[1].a[s.name], sums[0].a[s.name], "A sums vs batch size")
+        assert_scaled_close(sums[1].s[s.name], sums[0].s[s.name], "S sums vs batch size")
     for f in fits[1:]:
         assert f.manifest["tokens"] == fits[0].manifest["tokens"] == PAIRS.n_tokens
         got = _precond_all(f, specs)
         for s in specs:
-            _close(got[s.name], ref[s.name], f"iHVP of {s.name} vs batch size/padding", rtol=1e-7)
+            assert_scaled_close(got[s.name], ref[s.name], f"iHVP of {s.name} vs batch size/padding", tol=1e-7)
             # Λ's total is basis-free: mean squared norm of the per-sequence gradients
-            _close(f.lam[s.name].sum(), fits[0].lam[s.name].sum(), "Σ Λ")
+            assert_scaled_close(f.lam[s.name].sum(), fits[0].lam[s.name].sum(), "Σ Λ")
 
 
 def test_max_examples_caps_both_passes(models):
@@ -301,12 +298,12 @@ def test_shard_sums_merge_to_the_full_pass(models):
     merged = merge_all(parts)
     assert (merged.tokens, merged.sequences) == (full.tokens, full.sequences)
     for s in specs:
-        _close(merged.a[s.name], full.a[s.name], "merged A")
-        _close(merged.s[s.name], full.s[s.name], "merged S")
+        assert_scaled_close(merged.a[s.name], full.a[s.name], "merged A")
+        assert_scaled_close(merged.s[s.name], full.s[s.name], "merged S")
     basis = eigenbasis(full)
     lam_full = lambda_sums(model, specs, DOCS, basis, settings, PAD)
     lam_merged = merge_all(lambda_sums(model, specs, DOCS.subset(ix), basis, settings, PAD)
                            for ix in ([0, 1, 2], [3, 4, 5, 6]))
     assert lam_merged.sequences == lam_full.sequences == len(DOCS)
     for s in specs:
-        _close(lam_merged.lam[s.name], lam_full.lam[s.name], "merged Λ")
+        assert_scaled_close(lam_merged.lam[s.name], lam_full.lam[s.name], "merged Λ")

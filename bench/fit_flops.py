@@ -1,0 +1,76 @@
+"""Floating-point operations per token of a training pass and of msif's EK-FAC fit, counted from the
+model's shapes (no timing): why the fit's cost relative to training depends on the model's widths.
+
+Run:  .venv/bin/python bench/fit_flops.py [--size large] [--length 512]
+
+Counts multiply-adds as 2 flops, over the analysed linear modules, the LM head and attention
+(QKᵀ and AV over all T positions):
+- ``train``: forward + backward with input and weight gradients (6 per weight) + attention (3 × 4·T·h);
+- ``fit_forward_backward``: what both passes share: forward + input-gradient backward (4 per weight) +
+  attention; weight gradients are never formed;
+- ``fit_covariances``: Σ a aᵀ and Σ ds dsᵀ per token, with the banded upper-triangle sums of
+  ``msif_core.ekfac`` for wide matrices;
+- ``fit_lambda``: the Λ pass's rotations into the eigenbases, on the branch ``msif_core.ekfac`` picks
+  for this length (per-sequence gradient, or every token's a and ds), including forming the gradients.
+The float64 eigendecompositions (a fixed cost per fit) are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_core import SIZES, VOCAB  # noqa: E402
+from msif_core.ekfac import _bands, _per_sequence_branch  # noqa: E402
+
+
+def _gram(d: int) -> float:
+    """Flops per token of one [d, d] covariance sum as msif forms it."""
+    edges = _bands(d)
+    if not edges:
+        return 2.0 * d * d
+    return 2.0 * sum((hi - lo) * (d - lo) for lo, hi in zip(edges[:-1], edges[1:]))
+
+
+def count(size: str, length: int) -> dict:
+    """Flops per token (millions) of training and of each part of the fit."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from msif_core.models import discover_modules
+
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, max_position_embeddings=max(length, 128), **SIZES[size])
+    specs = discover_modules(GPTNeoXForCausalLM(cfg))
+    weights = sum(s.out_features * s.d for s in specs) + VOCAB * cfg.hidden_size
+    attention = 3 * 4 * length * cfg.hidden_size * cfg.num_hidden_layers
+    cov = lam = 0.0
+    for s in specs:
+        cov += _gram(s.d) + (_gram(s.p) if s.n_blocks == 1 else 2.0 * s.n_blocks * s.p * s.p)
+        form = 2.0 * s.out_features * s.d  # Σ_t ds_t a_tᵀ, per token
+        if _per_sequence_branch(s, length):
+            lam += form + 2.0 * s.out_features * s.d * (s.p + s.d) / length
+        else:
+            lam += 2.0 * (s.d * s.d + s.out_features * s.p) + form
+    res = {"size": size, "length": length, "train": 6.0 * weights + attention,
+           "fit_forward_backward": 4.0 * weights + attention, "fit_covariances": cov, "fit_lambda": lam}
+    res = {k: v / 1e6 if isinstance(v, float) else v for k, v in res.items()}
+    res["fit"] = res["fit_forward_backward"] + res["fit_covariances"] + res["fit_lambda"]
+    res["fit_over_train"] = res["fit"] / res["train"]
+    return res
+
+
+def main() -> None:
+    """Print the counts (MFLOP per token) as JSON lines."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="small,large")
+    ap.add_argument("--lengths", default="512,128")
+    args = ap.parse_args()
+    for size in args.sizes.split(","):
+        for length in (int(x) for x in args.lengths.split(",")):
+            print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in count(size, length).items()}))
+
+
+if __name__ == "__main__":
+    main()

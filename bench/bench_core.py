@@ -113,7 +113,7 @@ def run_config(size: str, length: int, n_docs: int, batch_size: int, kronfluence
     res["factor_floats_formula"] = sum(s.d ** 2 + s.n_blocks * s.p ** 2 + s.d * s.out_features for s in specs)
     grads = measurement_gradients(model, specs, queries, batch_size)
     ih64 = query_ihvps(grads, specs, "ss_if", ft_factors=factors, damping_ft=1e-4, rank=RANK)
-    ih1 = query_ihvps({k: v[:1] for k, v in grads.items()}, specs, "ss_if", ft_factors=factors, damping_ft=1e-4,
+    ih1 = query_ihvps(grads.select(slice(0, 1)), specs, "ss_if", ft_factors=factors, damping_ft=1e-4,
                       rank=RANK)
     runs: dict[int, list] = {64: [], 1: []}
     for _ in range(2):

@@ -218,10 +218,16 @@ def _add_lambda(lam: torch.Tensor, s: ModuleSpec, inputs: tuple[torch.Tensor, ..
     if len(inputs) == 1:  # long sequences: rotate each sequence's gradient once
         g = _rotate(inputs[0].view(-1, s.n_blocks, s.p, s.d), qs, qa)
     else:  # short sequences: rotate each token's a and ds, then sum over tokens
-        a, ds = inputs
-        ds = ds.view(*ds.shape[:2], s.n_blocks, s.p)
-        g = torch.einsum("btnq,btd->bnqd", torch.einsum("btnp,npq->btnq", ds, qs), a @ qa)
+        g = _rotate_tokens(s, inputs[1], inputs[0], qs, qa)
     lam += (g * g).sum(0).to(torch.float64)
+
+
+def _rotate_tokens(s: ModuleSpec, ds: torch.Tensor, a: torch.Tensor, qs: torch.Tensor,
+                   qa: torch.Tensor) -> torch.Tensor:
+    """``Q_Sᵀ (Σ_t ds_t a_tᵀ) Q_A`` per sequence and block from the tokens ds [B, T, P] and a [B, T, d]:
+    each token is rotated, then the sum over tokens is one batched product; [B, blocks, p, d]."""
+    ds = ds.reshape(*ds.shape[:2], s.n_blocks, s.p)
+    return torch.einsum("btnq,btd->bnqd", torch.einsum("btnp,npq->btnq", ds, qs), a @ qa)
 
 
 def _bands(d: int, n_parts: int = 4) -> list[int]:
@@ -357,6 +363,11 @@ def lambda_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, bas
     return LambdaSums(lam, len(encoded))
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """iHVPs are computed in the gradients' precision (float64 factors are cast, not the other way round)."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 @dataclass
 class Factors:
     """Fitted EK-FAC factors of one model, with the manifest that says what they belong to."""
@@ -387,13 +398,35 @@ class Factors:
         """iHVP ``Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ`` of gradients ``v`` [..., P, d] of module ``name``."""
         s = self.specs[name]
         lead = v.shape[:-2]
-        # computed in the gradients' precision (float64 factors are cast, not the other way round)
-        dt = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
-        x = v.reshape(-1, s.n_blocks, s.p, s.d).to(dt)
+        dt = _compute_dtype(v)
         qa, qs = self.q_a[name].to(dt), self.q_s[name].to(dt)
-        lam_d = (self.lam[name] + self.damping_for(name, damping)[:, None, None]).to(dt)  # Λ is unchanged
-        rot = _rotate(x, qs, qa).div_(lam_d)  # [m, n, p, d]
-        return _rotate(rot, qs, qa, back=True).reshape(*lead, s.out_features, s.d).to(v.dtype)
+        rot = _rotate(v.reshape(-1, s.n_blocks, s.p, s.d).to(dt), qs, qa)  # [m, n, p, d]
+        return self._scale_and_rotate_back(name, rot, damping).reshape(*lead, s.out_features, s.d).to(v.dtype)
+
+    def precondition_tokens(self, name: str, ds: torch.Tensor, a: torch.Tensor, damping: float | str,
+                            route: str = "auto") -> torch.Tensor:
+        """iHVPs (as :meth:`precondition`) of per-sequence gradients given by their tokens: ``Σ_t ds_t a_tᵀ``
+        for ds [m, T, P] and a [m, T, d]; returns [m, P, d].
+
+        A gradient of T tokens has rank at most T: for short sequences (``route="tokens"``, chosen by flop
+        count under ``"auto"``) each token is rotated into the eigenbasis, ``(ds Q_S)ᵀ (a Q_A)``, instead of
+        forming the [P, d] gradient and rotating it (``"dense"``), which costs P·d·(p + d) per sequence.
+        """
+        if route not in ("auto", "tokens", "dense"):
+            raise ValueError(f"route must be auto, tokens or dense, got {route!r}")
+        s = self.specs[name]
+        if route == "dense" or (route == "auto" and _per_sequence_branch(s, ds.shape[1])):
+            return self.precondition(name, torch.einsum("mtp,mtd->mpd", ds, a), damping)
+        dt = _compute_dtype(ds)
+        qa, qs = self.q_a[name].to(dt), self.q_s[name].to(dt)
+        rot = _rotate_tokens(s, ds.to(dt), a.to(dt), qs, qa)
+        return self._scale_and_rotate_back(name, rot, damping).reshape(-1, s.out_features, s.d).to(ds.dtype)
+
+    def _scale_and_rotate_back(self, name: str, rot: torch.Tensor, damping: float | str) -> torch.Tensor:
+        """``Q_S [rot ⊘ (Λ + λ)] Q_Aᵀ`` for rotated gradients [m, blocks, p, d] (divided in place)."""
+        qa, qs = self.q_a[name].to(rot.dtype), self.q_s[name].to(rot.dtype)
+        lam_d = (self.lam[name] + self.damping_for(name, damping)[:, None, None]).to(rot.dtype)  # Λ unchanged
+        return _rotate(rot.div_(lam_d), qs, qa, back=True)
 
     def check_finite(self) -> None:
         """Raise naming the first module with non-finite or negative Λ."""

@@ -162,7 +162,3 @@ def forward_backward(model: nn.Module, specs: list[ModuleSpec], batch: Batch, fi
         ds[s.name] = torch.zeros_like(outputs[s.name]) if g is None else g.detach()
     return Captured(a, ds, loss.detach(), per_seq.detach())
 
-
-def sequence_gradients(cap: Captured, spec: ModuleSpec) -> torch.Tensor:
-    """Per-sequence weight gradient ``Σ_t ds_t a_tᵀ`` of one module, shape [B, P, d]."""
-    return torch.einsum("btp,btd->bpd", cap.ds[spec.name], cap.a[spec.name])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from .data import Encoded, iter_batches
 from .ekfac import Factors, save_tensor_dir
-from .gradients import analysed_grads_only, forward_backward, sequence_gradients
+from .gradients import analysed_grads_only, forward_backward
 from .models import ModuleSpec
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,42 @@ log = logging.getLogger(__name__)
 METHODS = ("ms_if", "ss_if", "gdp")
 
 
+class MeasurementGradients(Mapping[str, torch.Tensor]):
+    """∇m per query and module, kept as the tokens it is summed from: ``∇m = Σ_t ds_t a_tᵀ``.
+
+    ``grads[name]`` is the dense [Q, P, d] gradient (formed on each access); :func:`query_ihvps` uses the
+    tokens (``ds`` [Q, T, P], ``a`` [Q, T, d], zero on padding) to precondition short queries cheaply.
+    """
+
+    def __init__(self, ds: dict[str, torch.Tensor], a: dict[str, torch.Tensor]) -> None:
+        self.ds, self.a = ds, a
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return torch.einsum("qtp,qtd->qpd", self.ds[name], self.a[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ds)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    @property
+    def n_queries(self) -> int:
+        """Number of queries."""
+        return int(next(iter(self.ds.values())).shape[0])
+
+    def tokens(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ds [Q, T, P], a [Q, T, d]) of module ``name``."""
+        return self.ds[name], self.a[name]
+
+    def select(self, index: slice | list[int] | torch.Tensor) -> MeasurementGradients:
+        """The gradients of the queries at ``index`` (in that order)."""
+        return MeasurementGradients({k: x[index] for k, x in self.ds.items()}, {k: x[index] for k, x in self.a.items()})
+
+
 def measurement_gradients(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, batch_size: int = 8,
-                          pad_id: int | None = None) -> dict[str, torch.Tensor]:
-    """∇m per query and module, [Q, P, d] in the order of ``encoded``.
+                          pad_id: int | None = None) -> MeasurementGradients:
+    """∇m per query and module (dense [Q, P, d] by ``grads[name]``) in the order of ``encoded``.
 
     m = −log p(completion | prompt) summed over target tokens (or −log p(label | x) with a
     classification head): the empirical loss of each query sequence.
@@ -39,16 +73,20 @@ def measurement_gradients(model: nn.Module, specs: list[ModuleSpec], encoded: En
     if len(encoded) == 0:
         raise ValueError("no queries to compute measurement gradients for")
     dev = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     pad = pad_id if pad_id is not None else int(getattr(model.config, "pad_token_id", None) or 0)
-    out = {s.name: torch.zeros(len(encoded), s.out_features, s.d, dtype=next(model.parameters()).dtype,
-                               device=dev) for s in specs}
+    q, t_max = len(encoded), max(len(x) for x in encoded.input_ids)
+    ds = {s.name: torch.zeros(q, t_max, s.out_features, dtype=dtype, device=dev) for s in specs}
+    a = {s.name: torch.zeros(q, t_max, s.d, dtype=dtype, device=dev) for s in specs}
     with analysed_grads_only(model, specs):
         for batch in iter_batches(encoded, batch_size, pad):
             cap = forward_backward(model, specs, batch.to(dev), fisher="empirical")
             idx = torch.tensor(batch.index, device=dev)
+            t = batch.input_ids.shape[1]
             for s in specs:
-                out[s.name][idx] = sequence_gradients(cap, s)
-    return out
+                ds[s.name][idx, :t] = cap.ds[s.name]
+                a[s.name][idx, :t] = cap.a[s.name]
+    return MeasurementGradients(ds, a)
 
 
 @dataclass
@@ -76,6 +114,21 @@ class QueryIHVPs:
         u, v = self.u[name], self.v[name]
         m = torch.matmul(u, v.transpose(-1, -2))  # [Q, n, p, d]
         return m.reshape(m.shape[0], -1, m.shape[-1])
+
+    def block_rows(self, name: str, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The query iHVPs of module ``name`` block by block, one row per query: [blocks, Q, p·d].
+
+        Low-rank iHVPs are moved to ``device``/``dtype`` and expanded straight into this layout (one
+        batched product, no further copy).
+        """
+        s = self.specs[name]
+        if name in self.dense:
+            x = self.dense[name].to(device, dtype)
+            return x.reshape(-1, s.n_blocks, s.p * s.d).transpose(0, 1).contiguous()
+        u, v = (self.u[name].to(device, dtype).transpose(0, 1),  # [n, Q, p, r]
+                self.v[name].to(device, dtype).transpose(0, 1))  # [n, Q, d, r]
+        return torch.matmul(u, v.transpose(-1, -2)).reshape(s.n_blocks, -1, s.p * s.d)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``ihvps.safetensors`` and ``manifest.json`` atomically."""
@@ -109,13 +162,15 @@ def _low_rank(m: torch.Tensor, spec: ModuleSpec, rank: int) -> tuple[torch.Tenso
     return u, v
 
 
-def query_ihvps(grads: dict[str, torch.Tensor], specs: list[ModuleSpec], method: str,
+def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], method: str,
                 ft_factors: Factors | None = None, pt_factors: Factors | None = None,
                 damping_ft: float | str = 1e-4, damping_pt: float | str = 1e-4, rank: int = 0) -> QueryIHVPs:
     """Precondition measurement gradients for ``method`` (``ms_if``, ``ss_if`` or ``gdp``).
 
     ``ms_if`` needs both factor sets; ``ss_if`` the fine-tune factors. Modules missing from a factor
-    set (e.g. a replaced head) are skipped with a log line.
+    set (e.g. a replaced head) are skipped with a log line. ``grads`` from :func:`measurement_gradients`
+    are preconditioned from their tokens where that is cheaper (short queries); any mapping of dense
+    [Q, P, d] gradients works too.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -127,12 +182,15 @@ def query_ihvps(grads: dict[str, torch.Tensor], specs: list[ModuleSpec], method:
         "damping_ft": damping_ft if method != "gdp" else None,
         "damping_pt": damping_pt if method == "ms_if" else None})
     for s in specs:
-        g = grads[s.name]
+        tokens = isinstance(grads, MeasurementGradients)
         if method in ("ms_if", "ss_if"):
             if s.name not in ft_factors.specs:
                 log.info("skipping %s: not in the fine-tune factors", s.name)
                 continue
-            g = ft_factors.precondition(s.name, g, damping_ft)
+            g = (ft_factors.precondition_tokens(s.name, *grads.tokens(s.name), damping_ft) if tokens
+                 else ft_factors.precondition(s.name, grads[s.name], damping_ft))
+        else:
+            g = grads[s.name]
         if method == "ms_if":
             if s.name not in pt_factors.specs:
                 log.info("skipping %s: not in the pre-train factors", s.name)

@@ -83,8 +83,8 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
     by_block = torch.zeros(n, len(blocks), nq, dtype=torch.float64)
     losses = torch.zeros(n, dtype=torch.float64)
     # per block, the queries' iHVPs as rows: [n, Q, p·d], so that scoring a group is one matrix product
-    dense = {s.name: ihvps.matrix(s.name).to(dev, dtype).reshape(nq, s.n_blocks, s.p * s.d).transpose(0, 1)
-             .contiguous() for s in specs if ihvps.rank == 0 or strategy != "low_rank"}
+    dense = {s.name: ihvps.block_rows(s.name, dev, dtype) for s in specs
+             if ihvps.rank == 0 or strategy != "low_rank"}
     uv = {s.name: (ihvps.u[s.name].to(dev, dtype), ihvps.v[s.name].to(dev, dtype))
           for s in specs if ihvps.rank > 0}
     seq_bytes = sum(s.out_features * s.d for s in specs) * torch.finfo(dtype).bits // 8

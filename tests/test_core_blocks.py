@@ -20,7 +20,7 @@ from core_helpers import (
     vec,
 )
 
-from msif_core.ekfac import FitSettings, fit_ekfac
+from msif_core.ekfac import FitSettings, _per_sequence_branch, fit_ekfac
 from msif_core.models import block_matrix, discover_blocks, discover_modules
 
 # (query heads, key/value heads) of the tiny models
@@ -193,6 +193,26 @@ def test_ihvp_equals_explicit_kronecker_inverse(fitted, arch, damping):
             gx = explicit_block_matrix(f, s.name, j) @ vec(got[0, b.row_start:b.row_stop]) + lam * vec(
                 got[0, b.row_start:b.row_stop])
             torch.testing.assert_close(unvec(gx, s.p, s.d), v[0, b.row_start:b.row_stop], rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ihvp_from_tokens_equals_explicit(fitted, arch):
+    """Preconditioning a gradient Σ_t ds_t a_tᵀ from its tokens (both routes) = the explicit inverse."""
+    model, specs, f = fitted[arch]
+    g = torch.Generator().manual_seed(5)
+    for s in specs:
+        # auto picks the token route for few tokens, the dense one for many
+        assert not _per_sequence_branch(s, 2) and _per_sequence_branch(s, 3 * s.d)
+        for t in (2, 3 * s.d):
+            ds = torch.randn(2, t, s.out_features, generator=g, dtype=torch.float64)
+            a = torch.randn(2, t, s.d, generator=g, dtype=torch.float64)
+            want = explicit_precondition(f, s.name, torch.einsum("mtp,mtd->mpd", ds, a), 1e-3)
+            scale = want.abs().max()
+            for route in ("auto", "tokens", "dense"):
+                got = f.precondition_tokens(s.name, ds, a, 1e-3, route=route)
+                torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="route"):
+        f.precondition_tokens(specs[0].name, ds, a, 1e-3, route="fast")
 
 
 def test_vec_convention():

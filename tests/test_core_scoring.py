@@ -146,6 +146,10 @@ def test_rank_r_query_ihvps():
         exact = dense.matrix(s.name).reshape(3, s.n_blocks, s.p, s.d)
         sv = torch.linalg.svdvals(exact)
         assert (torch.linalg.matrix_rank(m2) <= 2).all()
+        # the scoring layout [blocks, Q, p·d], expanded from U Vᵀ or copied from the dense iHVPs
+        for ih, m in ((r2, m2), (dense, exact)):
+            torch.testing.assert_close(ih.block_rows(s.name), m.reshape(3, s.n_blocks, -1).transpose(0, 1),
+                                       rtol=1e-12, atol=1e-14)
         # Eckart–Young: the best rank-2 approximation leaves exactly the trailing singular values
         err = torch.linalg.matrix_norm(exact - m2)
         torch.testing.assert_close(err, sv[..., 2:].norm(dim=-1), rtol=1e-8, atol=1e-12)

@@ -111,10 +111,10 @@ def lm_loss_and_grad(logits: torch.Tensor, batch: Batch, fisher: str = "empirica
     p_t = probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     m = mask.to(probs.dtype)
     per_seq = -(torch.log(p_t.clamp_min(torch.finfo(probs.dtype).tiny)) * m).sum(dim=1)
-    grad = torch.zeros_like(logits)
-    g = grad[:, :-1]
-    g.copy_(probs).scatter_add_(-1, target.unsqueeze(-1), -torch.ones_like(p_t).unsqueeze(-1))
-    g.mul_(m.unsqueeze(-1))
+    grad = torch.empty_like(logits)  # written once: (softmax − one-hot) ⊙ mask, zero at the last position
+    grad[:, -1].zero_()
+    g = torch.mul(probs, m.unsqueeze(-1), out=grad[:, :-1])
+    g.scatter_add_(-1, target.unsqueeze(-1), -m.unsqueeze(-1))
     return per_seq, grad
 
 
@@ -155,7 +155,7 @@ def forward_backward(model: nn.Module, specs: list[ModuleSpec], batch: Batch, fi
     for s, g in zip(specs, grads):
         x = inputs[s.name]
         if s.has_bias:  # [a, 1] on real tokens, zeros on padding
-            xb = F.pad(x, (0, 1), value=1.0)  # one contiguous copy (writing through a strided view is slow)
+            xb = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)  # one contiguous copy
             a[s.name] = xb.mul_(keep) if padded else xb
         else:
             a[s.name] = x * keep if padded else x

@@ -82,6 +82,20 @@ def test_measurement_gradients_match_brute_force(arch):
     again = measurement_gradients(w.ft, w.specs, w.queries, batch_size=1, pad_id=5)
     for n in w.names:
         assert rel_err(again[n], grads[n]) < 1e-10
+    sub = grads.select([2, 0])
+    assert sub.n_queries == 2 and all(torch.equal(sub[n], grads[n][[2, 0]]) for n in w.names)
+
+
+@pytest.mark.parametrize("method", ["ms_if", "ss_if"])
+def test_query_ihvps_from_tokens_equal_those_from_dense_gradients(method):
+    """Preconditioning from the measurement gradients' tokens = preconditioning their dense matrices."""
+    w = world("llama")
+    grads = measurement_gradients(w.ft, w.specs, w.queries, batch_size=2, pad_id=PAD)
+    args = dict(ft_factors=w.ft_f, pt_factors=w.pt_f, damping_ft=DAMP_FT, damping_pt=DAMP_PT)
+    from_tokens = query_ihvps(grads, w.specs, method, **args)
+    from_dense = query_ihvps({n: grads[n] for n in grads}, w.specs, method, **args)
+    for n in w.names:
+        assert rel_err(from_tokens.matrix(n), from_dense.matrix(n)) < 1e-10, n
 
 
 @pytest.mark.parametrize("strategy", ["gradient", "low_rank"])

@@ -394,19 +394,28 @@ class Factors:
             return c * lam.mean(dim=(1, 2))
         return torch.full((lam.shape[0],), float(damping), dtype=lam.dtype, device=lam.device)
 
-    def precondition(self, name: str, v: torch.Tensor, damping: float | str) -> torch.Tensor:
-        """iHVP ``Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ`` of gradients ``v`` [..., P, d] of module ``name``."""
+    def precondition(self, name: str, v: torch.Tensor, damping: float | str, then: Factors | None = None,
+                     then_damping: float | str = 1e-4) -> torch.Tensor:
+        """iHVP ``Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ`` of gradients ``v`` [..., P, d] of module ``name``.
+
+        With ``then`` (another model's factors of the same blocks, damped by ``then_damping``), the result
+        is preconditioned by those too, ``P_then P_self V`` (MS-IF's ``P_pt P_ft ∇m``): the change from
+        this eigenbasis to the other is one rotation by ``Q_Sᵀ Q'_S`` and ``Q_Aᵀ Q'_A``, not a rotation back
+        followed by a rotation in.
+        """
         s = self.specs[name]
         lead = v.shape[:-2]
         dt = _compute_dtype(v)
         qa, qs = self.q_a[name].to(dt), self.q_s[name].to(dt)
         rot = _rotate(v.reshape(-1, s.n_blocks, s.p, s.d).to(dt), qs, qa)  # [m, n, p, d]
-        return self._scale_and_rotate_back(name, rot, damping).reshape(*lead, s.out_features, s.d).to(v.dtype)
+        out = self._scale_and_rotate_back(name, rot, damping, then, then_damping)
+        return out.reshape(*lead, s.out_features, s.d).to(v.dtype)
 
     def precondition_tokens(self, name: str, ds: torch.Tensor, a: torch.Tensor, damping: float | str,
-                            route: str = "auto") -> torch.Tensor:
-        """iHVPs (as :meth:`precondition`) of per-sequence gradients given by their tokens: ``Σ_t ds_t a_tᵀ``
-        for ds [m, T, P] and a [m, T, d]; returns [m, P, d].
+                            route: str = "auto", then: Factors | None = None,
+                            then_damping: float | str = 1e-4) -> torch.Tensor:
+        """iHVPs (as :meth:`precondition`, ``then`` too) of per-sequence gradients given by their tokens:
+        ``Σ_t ds_t a_tᵀ`` for ds [m, T, P] and a [m, T, d]; returns [m, P, d].
 
         A gradient of T tokens has rank at most T: for short sequences (``route="tokens"``, chosen by flop
         count under ``"auto"``) each token is rotated into the eigenbasis, ``(ds Q_S)ᵀ (a Q_A)``, instead of
@@ -416,17 +425,35 @@ class Factors:
             raise ValueError(f"route must be auto, tokens or dense, got {route!r}")
         s = self.specs[name]
         if route == "dense" or (route == "auto" and _per_sequence_branch(s, ds.shape[1])):
-            return self.precondition(name, torch.einsum("mtp,mtd->mpd", ds, a), damping)
+            return self.precondition(name, torch.einsum("mtp,mtd->mpd", ds, a), damping, then, then_damping)
         dt = _compute_dtype(ds)
         qa, qs = self.q_a[name].to(dt), self.q_s[name].to(dt)
         rot = _rotate_tokens(s, ds.to(dt), a.to(dt), qs, qa)
-        return self._scale_and_rotate_back(name, rot, damping).reshape(-1, s.out_features, s.d).to(ds.dtype)
+        out = self._scale_and_rotate_back(name, rot, damping, then, then_damping)
+        return out.reshape(-1, s.out_features, s.d).to(ds.dtype)
 
-    def _scale_and_rotate_back(self, name: str, rot: torch.Tensor, damping: float | str) -> torch.Tensor:
-        """``Q_S [rot ⊘ (Λ + λ)] Q_Aᵀ`` for rotated gradients [m, blocks, p, d] (divided in place)."""
-        qa, qs = self.q_a[name].to(rot.dtype), self.q_s[name].to(rot.dtype)
-        lam_d = (self.lam[name] + self.damping_for(name, damping)[:, None, None]).to(rot.dtype)  # Λ unchanged
-        return _rotate(rot.div_(lam_d), qs, qa, back=True)
+    def _damped(self, name: str, damping: float | str, dtype: torch.dtype) -> torch.Tensor:
+        """Λ + λ of module ``name`` [blocks, p, d] (Λ itself is never changed)."""
+        return (self.lam[name] + self.damping_for(name, damping)[:, None, None]).to(dtype)
+
+    def _scale_and_rotate_back(self, name: str, rot: torch.Tensor, damping: float | str,
+                               then: Factors | None = None, then_damping: float | str = 1e-4) -> torch.Tensor:
+        """``Q_S [rot ⊘ (Λ + λ)] Q_Aᵀ`` for rotated gradients [m, blocks, p, d] (divided in place); with
+        ``then``, rotated into its eigenbasis, divided by its damped Λ and rotated back by its bases."""
+        rot.div_(self._damped(name, damping, rot.dtype))
+        last = self
+        if then is not None:
+            if name not in then.specs or then.q_s[name].shape != self.q_s[name].shape \
+                    or then.q_a[name].shape != self.q_a[name].shape:
+                raise ValueError(f"module {name} has different blocks in the two factor sets; both must be "
+                                 "fitted on models of the same architecture")
+            # bases' products in the factors' own (float64) precision, then cast
+            qs = (self.q_s[name].transpose(-1, -2) @ then.q_s[name]).to(rot.dtype)
+            qa = (self.q_a[name].transpose(-1, -2) @ then.q_a[name]).to(rot.dtype)
+            rot = _rotate(rot, qs, qa).div_(then._damped(name, then_damping, rot.dtype))
+            last = then
+        qa, qs = last.q_a[name].to(rot.dtype), last.q_s[name].to(rot.dtype)
+        return _rotate(rot, qs, qa, back=True)
 
     def check_finite(self) -> None:
         """Raise naming the first module with non-finite or negative Λ."""

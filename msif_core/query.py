@@ -181,21 +181,21 @@ def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], meth
     out = QueryIHVPs(method, {}, rank=rank, manifest={
         "damping_ft": damping_ft if method != "gdp" else None,
         "damping_pt": damping_pt if method == "ms_if" else None})
+    tokens = isinstance(grads, MeasurementGradients)
     for s in specs:
-        tokens = isinstance(grads, MeasurementGradients)
-        if method in ("ms_if", "ss_if"):
-            if s.name not in ft_factors.specs:
-                log.info("skipping %s: not in the fine-tune factors", s.name)
-                continue
-            g = (ft_factors.precondition_tokens(s.name, *grads.tokens(s.name), damping_ft) if tokens
-                 else ft_factors.precondition(s.name, grads[s.name], damping_ft))
-        else:
+        if method in ("ms_if", "ss_if") and s.name not in ft_factors.specs:
+            log.info("skipping %s: not in the fine-tune factors", s.name)
+            continue
+        if method == "ms_if" and s.name not in pt_factors.specs:
+            log.info("skipping %s: not in the pre-train factors", s.name)
+            continue
+        if method == "gdp":
             g = grads[s.name]
-        if method == "ms_if":
-            if s.name not in pt_factors.specs:
-                log.info("skipping %s: not in the pre-train factors", s.name)
-                continue
-            g = pt_factors.precondition(s.name, g, damping_pt)
+        else:  # P_ft ∇m, then (MS-IF) P_pt of that
+            then = pt_factors if method == "ms_if" else None
+            g = (ft_factors.precondition_tokens(s.name, *grads.tokens(s.name), damping_ft, then=then,
+                                                then_damping=damping_pt) if tokens
+                 else ft_factors.precondition(s.name, grads[s.name], damping_ft, then=then, then_damping=damping_pt))
         out.specs[s.name] = s
         if rank > 0:
             out.u[s.name], out.v[s.name] = _low_rank(g, s, rank)

@@ -20,7 +20,7 @@ from core_helpers import (
     vec,
 )
 
-from msif_core.ekfac import FitSettings, _per_sequence_branch, fit_ekfac
+from msif_core.ekfac import Factors, FitSettings, _per_sequence_branch, fit_ekfac
 from msif_core.models import block_matrix, discover_blocks, discover_modules
 
 # (query heads, key/value heads) of the tiny models
@@ -213,6 +213,31 @@ def test_ihvp_from_tokens_equals_explicit(fitted, arch):
                 torch.testing.assert_close(got / scale, want / scale, rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="route"):
         f.precondition_tokens(specs[0].name, ds, a, 1e-3, route="fast")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_two_stage_ihvp_equals_two_explicit_inverses(fitted, arch):
+    """``precondition(..., then=other)`` = the other model's explicit inverse applied to this one's, from dense
+    gradients and from tokens (MS-IF's P_pt P_ft ∇m with one change of eigenbasis in between)."""
+    model, specs, first = fitted[arch]
+    second = fit_ekfac(model, specs, random_docs(5, 2, 7, seed=33), FitSettings(batch_size=2, fisher="empirical"),
+                       PAD)
+    g = torch.Generator().manual_seed(6)
+    for s in specs:
+        ds = torch.randn(2, 3, s.out_features, generator=g, dtype=torch.float64)
+        a = torch.randn(2, 3, s.d, generator=g, dtype=torch.float64)
+        v = torch.einsum("mtp,mtd->mpd", ds, a)
+        want = explicit_precondition(second, s.name, explicit_precondition(first, s.name, v, 1e-3), "relative:0.1")
+        scale = want.abs().max()
+        got = [first.precondition(s.name, v, 1e-3, then=second, then_damping="relative:0.1")]
+        got += [first.precondition_tokens(s.name, ds, a, 1e-3, route=r, then=second, then_damping="relative:0.1")
+                for r in ("tokens", "dense")]
+        for x in got:
+            torch.testing.assert_close(x / scale, want / scale, rtol=0, atol=1e-9)
+    other = Factors(second.specs, {k: x[:-1, :-1] for k, x in second.q_a.items()}, second.q_s, second.lam, {})
+    with pytest.raises(ValueError, match=f"module {specs[0].name} has different blocks"):
+        first.precondition(specs[0].name, torch.zeros(1, specs[0].out_features, specs[0].d, dtype=torch.float64),
+                           1e-3, then=other)
 
 
 def test_vec_convention():

@@ -9,11 +9,12 @@ from .api import AttributionSettings, attribute
 from .data import Encoded, encode_documents, encode_pairs
 from .ekfac import Factors, FitSettings, fit_ekfac
 from .models import Block, ModuleSpec, discover_blocks, discover_modules, load_model
-from .query import QueryIHVPs, measurement_gradients, query_ihvps
+from .query import MeasurementGradients, QueryIHVPs, measurement_gradients, query_ihvps
 from .scoring import ScoreResult, score_documents
 
 __all__ = [
-    "AttributionSettings", "Block", "Encoded", "Factors", "FitSettings", "ModuleSpec", "QueryIHVPs",
+    "AttributionSettings", "Block", "Encoded", "Factors", "FitSettings", "MeasurementGradients", "ModuleSpec",
+    "QueryIHVPs",
     "ScoreResult", "attribute", "discover_blocks", "discover_modules", "encode_documents", "encode_pairs",
     "fit_ekfac", "load_model", "measurement_gradients", "query_ihvps", "score_documents",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,7 +110,7 @@ def fit_stage_factors(stage: Stage, encoded: Encoded, settings: AttributionSetti
     return fit_ekfac(stage.model, stage.specs, encoded, settings.fit_settings(), stage.pad_id)
 
 
-def score_method(method: str, pt: Stage, ft: Stage, query_grads: dict[str, torch.Tensor], docs: Encoded,
+def score_method(method: str, pt: Stage, ft: Stage, query_grads: Mapping[str, torch.Tensor], docs: Encoded,
                  settings: AttributionSettings, pt_factors: Factors | None, ft_factors: Factors | None) -> ScoreResult:
     """Query iHVPs for ``method`` and the scores of every document in ``docs``."""
     ih = query_ihvps(query_grads, ft.specs, method, ft_factors, pt_factors, settings.damping_finetune,

@@ -406,7 +406,7 @@ class Factors:
         s = self.specs[name]
         lead = v.shape[:-2]
         dt = _compute_dtype(v)
-        qa, qs = self.q_a[name].to(dt), self.q_s[name].to(dt)
+        qa, qs = self.q_a[name].to(v.device, dt), self.q_s[name].to(v.device, dt)
         rot = _rotate(v.reshape(-1, s.n_blocks, s.p, s.d).to(dt), qs, qa)  # [m, n, p, d]
         out = self._scale_and_rotate_back(name, rot, damping, then, then_damping)
         return out.reshape(*lead, s.out_features, s.d).to(v.dtype)
@@ -427,20 +427,20 @@ class Factors:
         if route == "dense" or (route == "auto" and _per_sequence_branch(s, ds.shape[1])):
             return self.precondition(name, torch.einsum("mtp,mtd->mpd", ds, a), damping, then, then_damping)
         dt = _compute_dtype(ds)
-        qa, qs = self.q_a[name].to(dt), self.q_s[name].to(dt)
+        qa, qs = self.q_a[name].to(ds.device, dt), self.q_s[name].to(ds.device, dt)
         rot = _rotate_tokens(s, ds.to(dt), a.to(dt), qs, qa)
         out = self._scale_and_rotate_back(name, rot, damping, then, then_damping)
         return out.reshape(-1, s.out_features, s.d).to(ds.dtype)
 
-    def _damped(self, name: str, damping: float | str, dtype: torch.dtype) -> torch.Tensor:
-        """Λ + λ of module ``name`` [blocks, p, d] (Λ itself is never changed)."""
-        return (self.lam[name] + self.damping_for(name, damping)[:, None, None]).to(dtype)
+    def _damped(self, name: str, damping: float | str, like: torch.Tensor) -> torch.Tensor:
+        """Λ + λ of module ``name`` [blocks, p, d] on the device and in the dtype of ``like`` (Λ is unchanged)."""
+        return (self.lam[name] + self.damping_for(name, damping)[:, None, None]).to(like.device, like.dtype)
 
     def _scale_and_rotate_back(self, name: str, rot: torch.Tensor, damping: float | str,
                                then: Factors | None = None, then_damping: float | str = 1e-4) -> torch.Tensor:
         """``Q_S [rot ⊘ (Λ + λ)] Q_Aᵀ`` for rotated gradients [m, blocks, p, d] (divided in place); with
         ``then``, rotated into its eigenbasis, divided by its damped Λ and rotated back by its bases."""
-        rot.div_(self._damped(name, damping, rot.dtype))
+        rot.div_(self._damped(name, damping, rot))
         last = self
         if then is not None:
             if name not in then.specs or then.q_s[name].shape != self.q_s[name].shape \
@@ -448,11 +448,12 @@ class Factors:
                 raise ValueError(f"module {name} has different blocks in the two factor sets; both must be "
                                  "fitted on models of the same architecture")
             # bases' products in the factors' own (float64) precision, then cast
-            qs = (self.q_s[name].transpose(-1, -2) @ then.q_s[name]).to(rot.dtype)
-            qa = (self.q_a[name].transpose(-1, -2) @ then.q_a[name]).to(rot.dtype)
-            rot = _rotate(rot, qs, qa).div_(then._damped(name, then_damping, rot.dtype))
+            dev = self.q_s[name].device
+            qs = (self.q_s[name].transpose(-1, -2) @ then.q_s[name].to(dev)).to(rot.device, rot.dtype)
+            qa = (self.q_a[name].transpose(-1, -2) @ then.q_a[name].to(dev)).to(rot.device, rot.dtype)
+            rot = _rotate(rot, qs, qa).div_(then._damped(name, then_damping, rot))
             last = then
-        qa, qs = last.q_a[name].to(rot.dtype), last.q_s[name].to(rot.dtype)
+        qa, qs = last.q_a[name].to(rot.device, rot.dtype), last.q_s[name].to(rot.device, rot.dtype)
         return _rotate(rot, qs, qa, back=True)
 
     def check_finite(self) -> None:

@@ -31,36 +31,53 @@ METHODS = ("ms_if", "ss_if", "gdp")
 
 
 class MeasurementGradients(Mapping[str, torch.Tensor]):
-    """∇m per query and module, kept as the tokens it is summed from: ``∇m = Σ_t ds_t a_tᵀ``.
+    """∇m per query and module; for short queries kept as the tokens it is summed from, ``Σ_t ds_t a_tᵀ``.
 
-    ``grads[name]`` is the dense [Q, P, d] gradient (formed on each access); :func:`query_ihvps` uses the
-    tokens (``ds`` [Q, T, P], ``a`` [Q, T, d], zero on padding) to precondition short queries cheaply.
+    ``grads[name]`` is the dense [Q, P, d] gradient (formed on each access from tokens). A module's
+    tokens (``ds`` [Q, T, P], ``a`` [Q, T, d], zero on padding) are kept only while they take less memory
+    than its dense gradients (T·(P + d) < P·d with T the longest query); :func:`query_ihvps` then
+    preconditions from them, which is cheaper for short queries.
     """
 
-    def __init__(self, ds: dict[str, torch.Tensor], a: dict[str, torch.Tensor]) -> None:
-        self.ds, self.a = ds, a
+    def __init__(self, ds: dict[str, torch.Tensor], a: dict[str, torch.Tensor],
+                 dense: dict[str, torch.Tensor] | None = None) -> None:
+        self.ds, self.a, self.dense = ds, a, dense or {}
+        self.names = list(dict.fromkeys([*self.ds, *self.dense]))
+        if not self.names:
+            raise ValueError("measurement gradients of no module")
 
     def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.dense:
+            return self.dense[name]
         return torch.einsum("qtp,qtd->qpd", self.ds[name], self.a[name])
 
+    def __contains__(self, name: object) -> bool:
+        return name in self.ds or name in self.dense
+
     def __iter__(self) -> Iterator[str]:
-        return iter(self.ds)
+        return iter(self.names)
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return len(self.names)
 
     @property
     def n_queries(self) -> int:
         """Number of queries."""
-        return int(next(iter(self.ds.values())).shape[0])
+        t = self.dense.get(self.names[0], self.ds.get(self.names[0]))
+        return int(t.shape[0])
 
-    def tokens(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ds [Q, T, P], a [Q, T, d]) of module ``name``."""
-        return self.ds[name], self.a[name]
+    def tokens(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(ds [Q, T, P], a [Q, T, d]) of module ``name``, or None where only its dense gradients are kept."""
+        return (self.ds[name], self.a[name]) if name in self.ds else None
 
-    def select(self, index: slice | list[int] | torch.Tensor) -> MeasurementGradients:
-        """The gradients of the queries at ``index`` (in that order)."""
-        return MeasurementGradients({k: x[index] for k, x in self.ds.items()}, {k: x[index] for k, x in self.a.items()})
+    def select(self, index: int | slice | list[int] | torch.Tensor) -> MeasurementGradients:
+        """The gradients of the queries at ``index`` (in that order; an int keeps its query dimension)."""
+        if isinstance(index, int):
+            index = [index]
+
+        def pick(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: x[index] for k, x in d.items()}
+        return MeasurementGradients(pick(self.ds), pick(self.a), pick(self.dense))
 
 
 def measurement_gradients(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, batch_size: int = 8,
@@ -76,17 +93,22 @@ def measurement_gradients(model: nn.Module, specs: list[ModuleSpec], encoded: En
     dtype = next(model.parameters()).dtype
     pad = pad_id if pad_id is not None else int(getattr(model.config, "pad_token_id", None) or 0)
     q, t_max = len(encoded), max(len(x) for x in encoded.input_ids)
-    ds = {s.name: torch.zeros(q, t_max, s.out_features, dtype=dtype, device=dev) for s in specs}
-    a = {s.name: torch.zeros(q, t_max, s.d, dtype=dtype, device=dev) for s in specs}
+    token_specs = [s for s in specs if t_max * (s.out_features + s.d) < s.out_features * s.d]
+    ds = {s.name: torch.zeros(q, t_max, s.out_features, dtype=dtype, device=dev) for s in token_specs}
+    a = {s.name: torch.zeros(q, t_max, s.d, dtype=dtype, device=dev) for s in token_specs}
+    dense = {s.name: torch.zeros(q, s.out_features, s.d, dtype=dtype, device=dev) for s in specs if s.name not in ds}
     with analysed_grads_only(model, specs):
         for batch in iter_batches(encoded, batch_size, pad):
             cap = forward_backward(model, specs, batch.to(dev), fisher="empirical")
             idx = torch.tensor(batch.index, device=dev)
             t = batch.input_ids.shape[1]
             for s in specs:
-                ds[s.name][idx, :t] = cap.ds[s.name]
-                a[s.name][idx, :t] = cap.a[s.name]
-    return MeasurementGradients(ds, a)
+                if s.name in ds:
+                    ds[s.name][idx, :t] = cap.ds[s.name]
+                    a[s.name][idx, :t] = cap.a[s.name]
+                else:
+                    dense[s.name][idx] = torch.einsum("btp,btd->bpd", cap.ds[s.name], cap.a[s.name])
+    return MeasurementGradients(ds, a, dense)
 
 
 @dataclass
@@ -119,16 +141,16 @@ class QueryIHVPs:
                    dtype: torch.dtype | None = None) -> torch.Tensor:
         """The query iHVPs of module ``name`` block by block, one row per query: [blocks, Q, p·d].
 
-        Low-rank iHVPs are moved to ``device``/``dtype`` and expanded straight into this layout (one
-        batched product, no further copy).
+        Low-rank iHVPs are moved to ``device``, expanded straight into this layout (one batched product
+        in their own precision) and cast to ``dtype``.
         """
         s = self.specs[name]
         if name in self.dense:
             x = self.dense[name].to(device, dtype)
             return x.reshape(-1, s.n_blocks, s.p * s.d).transpose(0, 1).contiguous()
-        u, v = (self.u[name].to(device, dtype).transpose(0, 1),  # [n, Q, p, r]
-                self.v[name].to(device, dtype).transpose(0, 1))  # [n, Q, d, r]
-        return torch.matmul(u, v.transpose(-1, -2)).reshape(s.n_blocks, -1, s.p * s.d)
+        u, v = (self.u[name].to(device).transpose(0, 1),  # [n, Q, p, r]
+                self.v[name].to(device).transpose(0, 1))  # [n, Q, d, r]
+        return torch.matmul(u, v.transpose(-1, -2)).reshape(s.n_blocks, -1, s.p * s.d).to(dtype)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``ihvps.safetensors`` and ``manifest.json`` atomically."""
@@ -193,8 +215,9 @@ def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], meth
             g = grads[s.name]
         else:  # P_ft ∇m, then (MS-IF) P_pt of that
             then = pt_factors if method == "ms_if" else None
-            g = (ft_factors.precondition_tokens(s.name, *grads.tokens(s.name), damping_ft, then=then,
-                                                then_damping=damping_pt) if tokens
+            tok = grads.tokens(s.name) if tokens else None
+            g = (ft_factors.precondition_tokens(s.name, *tok, damping_ft, then=then, then_damping=damping_pt)
+                 if tok is not None
                  else ft_factors.precondition(s.name, grads[s.name], damping_ft, then=then, then_damping=damping_pt))
         out.specs[s.name] = s
         if rank > 0:

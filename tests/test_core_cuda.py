@@ -104,6 +104,10 @@ def test_gpu_scores_equal_explicit_computation(arch):
                              damping_pt=DAMP_PT, rank=rank)
             res = score_documents(model, ih, w.docs, batch_size=3, pad_id=PAD, strategy=strategy)
             assert rel_err(res.scores, want[method]) < 1e-8, (method, rank, strategy)
+        # factors left on the CPU (as the pipeline loads them) precondition GPU gradients all the same
+        ih = query_ihvps(grads, w.specs, method, ft_factors=ft_c, pt_factors=pt_c, damping_ft=DAMP_FT,
+                         damping_pt=DAMP_PT)
+        assert rel_err(score_documents(model, ih, w.docs, batch_size=3, pad_id=PAD).scores, want[method]) < 1e-8
     # float32 on the GPU: the same scores to float32 accuracy
     ft32 = ft.float()
     ih = query_ihvps(measurement_gradients(ft32, w.specs, w.queries, batch_size=2, pad_id=PAD), w.specs, "ss_if",

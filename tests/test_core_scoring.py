@@ -86,6 +86,31 @@ def test_measurement_gradients_match_brute_force(arch):
     assert sub.n_queries == 2 and all(torch.equal(sub[n], grads[n][[2, 0]]) for n in w.names)
 
 
+def test_long_queries_keep_dense_gradients_where_tokens_would_take_more_memory():
+    """Mixed lengths: modules whose padded tokens outgrow P·d keep dense ∇m, the rest tokens; both exact."""
+    w = world("gpt_neox")
+    queries = random_pairs(3, (2, 3), (1, 2), seed=41)
+    extra = 10 - len(queries.input_ids[1])  # one query of 10 tokens: P·d / (P + d) is 8.2 to 12.6 here
+    queries.input_ids[1] = queries.input_ids[1] + [5 + i for i in range(extra)]
+    queries.loss_mask[1] = queries.loss_mask[1] + [True] * extra
+    grads = measurement_gradients(w.ft, w.specs, queries, batch_size=2, pad_id=PAD)
+    t_max = max(len(x) for x in queries.input_ids)
+    for s in w.specs:
+        assert (grads.tokens(s.name) is None) == (t_max * (s.out_features + s.d) >= s.out_features * s.d)
+        assert s.name in grads
+    assert {grads.tokens(s.name) is None for s in w.specs} == {True, False}  # both kinds in this model
+    want = w.stack([sequence_grads(w.ft, w.specs, fn) for fn in loss_closures(w.ft, queries)])
+    for n in w.names:
+        assert rel_err(grads[n], want[n]) < 1e-9, n
+        assert torch.equal(grads.select(1)[n], grads[n][[1]])
+    ih = query_ihvps(grads, w.specs, "ms_if", ft_factors=w.ft_f, pt_factors=w.pt_f, damping_ft=DAMP_FT,
+                     damping_pt=DAMP_PT)
+    for s in w.specs:
+        want_ih = explicit_precondition(w.pt_f, s.name, explicit_precondition(w.ft_f, s.name, want[s.name], DAMP_FT),
+                                        DAMP_PT)
+        assert rel_err(ih.matrix(s.name), want_ih) < 1e-9, s.name
+
+
 @pytest.mark.parametrize("method", ["ms_if", "ss_if"])
 def test_query_ihvps_from_tokens_equal_those_from_dense_gradients(method):
     """Preconditioning from the measurement gradients' tokens = preconditioning their dense matrices."""

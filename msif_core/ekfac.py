@@ -448,9 +448,9 @@ class Factors:
                 raise ValueError(f"module {name} has different blocks in the two factor sets; both must be "
                                  "fitted on models of the same architecture")
             # bases' products in the factors' own (float64) precision, then cast
-            dev = self.q_s[name].device
-            qs = (self.q_s[name].transpose(-1, -2) @ then.q_s[name].to(dev)).to(rot.device, rot.dtype)
-            qa = (self.q_a[name].transpose(-1, -2) @ then.q_a[name].to(dev)).to(rot.device, rot.dtype)
+            mine_s, mine_a = self.q_s[name], self.q_a[name]
+            qs = (mine_s.transpose(-1, -2) @ then.q_s[name].to(mine_s.device, mine_s.dtype)).to(rot.device, rot.dtype)
+            qa = (mine_a.transpose(-1, -2) @ then.q_a[name].to(mine_a.device, mine_a.dtype)).to(rot.device, rot.dtype)
             rot = _rotate(rot, qs, qa).div_(then._damped(name, then_damping, rot))
             last = then
         qa, qs = last.q_a[name].to(rot.device, rot.dtype), last.q_s[name].to(rot.device, rot.dtype)

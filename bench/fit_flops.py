@@ -11,7 +11,9 @@ Counts multiply-adds as 2 flops, over the analysed linear modules, the LM head a
 - ``fit_covariances``: Σ a aᵀ and Σ ds dsᵀ per token, with the banded upper-triangle sums of
   ``msif_core.ekfac`` for wide matrices;
 - ``fit_lambda``: the Λ pass's rotations into the eigenbases, on the branch ``msif_core.ekfac`` picks
-  for this length (per-sequence gradient, or every token's a and ds), including forming the gradients.
+  for this length (per-sequence gradient, or every token's a and ds), including forming the gradients;
+- ``fit`` = the three, for documents whose gradients the pass cache holds (``FitSettings.cache_mib``);
+  ``fit_uncached`` adds the Λ pass's own forward and backward for documents beyond it.
 The float64 eigendecompositions (a fixed cost per fit) are not counted.
 """
 
@@ -58,6 +60,9 @@ def count(size: str, length: int) -> dict:
     res = {k: v / 1e6 if isinstance(v, float) else v for k, v in res.items()}
     res["fit"] = res["fit_forward_backward"] + res["fit_covariances"] + res["fit_lambda"]
     res["fit_over_train"] = res["fit"] / res["train"]
+    # documents beyond FitSettings.cache_mib: the Λ pass runs its own forward and backward over them
+    res["fit_uncached"] = res["fit"] + res["fit_forward_backward"]
+    res["fit_uncached_over_train"] = res["fit_uncached"] / res["train"]
     return res
 
 

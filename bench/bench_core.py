@@ -113,6 +113,10 @@ def run_config(size: str, length: int, n_docs: int, batch_size: int, kronfluence
     res["fit_over_train"] = res["fit_s"] / res["train_s"]
     # the float64 eigendecompositions cost the same for any number of documents
     res["eigh_s"] = factors.manifest["eigh_seconds"]
+    # batches whose gradients the Λ pass took from memory, of all, and the memory they held
+    cache = factors.manifest["pass_cache"]
+    res["cached_batches"], res["all_batches"], res["cache_mib_used"] = (cache["batches"], cache["of_batches"],
+                                                                         cache["mib"])
     res["passes_over_train"] = (res["fit_s"] - res["eigh_s"]) / res["train_s"]
     res["cold_passes_over_train"] = (res["fit_cold_s"] - res["eigh_cold_s"]) / res["train_s"]
     res["factor_floats"] = factors.n_floats()

@@ -406,7 +406,7 @@ class Factors:
         s = self.specs[name]
         lead = v.shape[:-2]
         dt = _compute_dtype(v)
-        qa, qs = self.q_a[name].to(v.device, dt), self.q_s[name].to(v.device, dt)
+        qa, qs = self._bases(name, v.device, dt)
         rot = _rotate(v.reshape(-1, s.n_blocks, s.p, s.d).to(dt), qs, qa)  # [m, n, p, d]
         out = self._scale_and_rotate_back(name, rot, damping, then, then_damping)
         return out.reshape(*lead, s.out_features, s.d).to(v.dtype)
@@ -427,10 +427,14 @@ class Factors:
         if route == "dense" or (route == "auto" and _per_sequence_branch(s, ds.shape[1])):
             return self.precondition(name, torch.einsum("mtp,mtd->mpd", ds, a), damping, then, then_damping)
         dt = _compute_dtype(ds)
-        qa, qs = self.q_a[name].to(ds.device, dt), self.q_s[name].to(ds.device, dt)
+        qa, qs = self._bases(name, ds.device, dt)
         rot = _rotate_tokens(s, ds.to(dt), a.to(dt), qs, qa)
         out = self._scale_and_rotate_back(name, rot, damping, then, then_damping)
         return out.reshape(-1, s.out_features, s.d).to(ds.dtype)
+
+    def _bases(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q_A, Q_S) of module ``name`` on ``device`` in ``dtype``."""
+        return self.q_a[name].to(device, dtype), self.q_s[name].to(device, dtype)
 
     def _damped(self, name: str, damping: float | str, like: torch.Tensor) -> torch.Tensor:
         """Λ + λ of module ``name`` [blocks, p, d] on the device and in the dtype of ``like`` (Λ is unchanged)."""
@@ -453,7 +457,7 @@ class Factors:
             qa = (mine_a.transpose(-1, -2) @ then.q_a[name].to(mine_a.device, mine_a.dtype)).to(rot.device, rot.dtype)
             rot = _rotate(rot, qs, qa).div_(then._damped(name, then_damping, rot))
             last = then
-        qa, qs = last.q_a[name].to(rot.device, rot.dtype), last.q_s[name].to(rot.device, rot.dtype)
+        qa, qs = last._bases(name, rot.device, rot.dtype)
         return _rotate(rot, qs, qa, back=True)
 
     def check_finite(self) -> None:
@@ -531,10 +535,13 @@ def fit_ekfac(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, setti
     t1 = time.perf_counter()
     basis = eigenbasis(sums, specs)
     t2 = time.perf_counter()
+    # how much of the data the Λ pass took from memory instead of a second forward/backward
+    cached = {"batches": len(cache.batches), "mib": round(cache.used / 2**20, 1),
+              "of_batches": -(-sums.sequences // settings.batch_size)}
     lam = lambda_sums(model, specs, encoded, basis, settings, pad_id, cache)
     f = finalize(model, specs, basis, lam, settings,
                  {"fit_seconds": round(time.perf_counter() - t0, 3), "eigh_seconds": round(t2 - t1, 3),
-                  "truncated": encoded.n_truncated})
+                  "truncated": encoded.n_truncated, "pass_cache": cached})
     log.info("fitted EK-FAC on %d sequences / %d tokens in %.1fs", lam.sequences, basis.tokens,
              time.perf_counter() - t0)
     return f

@@ -178,6 +178,10 @@ def test_lambda_pass_is_the_same_cached_partly_cached_or_recomputed(models, docs
         assert len(cache.batches) == (1 if label == "one" else 0)
         lams[label] = lambda_sums(model, specs, docs, basis, settings, PAD, cache)
     lams["no cache"] = lambda_sums(model, specs, docs, basis, settings, PAD)
+    # fit_ekfac records how much of the data its Λ pass took from memory
+    one = fit_ekfac(model, specs, docs, FitSettings(fisher="true", batch_size=2, seed=4, cache_mib=first / 2**20),
+                    PAD).manifest["pass_cache"]
+    assert one == {"batches": 1, "mib": round(first / 2**20, 1), "of_batches": n_batches}
     for label in ("one", "none", "no cache"):
         for s in specs:
             assert_scaled_close(lams[label].lam[s.name], lams["all"].lam[s.name], f"Λ of {s.name}, cache {label}",

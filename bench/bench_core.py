@@ -56,7 +56,7 @@ def _timeit(fn, repeat: int = 1) -> float:
     return best
 
 
-def run_config(size: str, length: int, n_docs: int, batch_size: int, kronfluence: bool, cache_mib: int,
+def run_config(size: str, length: int, n_docs: int, batch_size: int, kronfluence: bool, cache_mib: int | None,
                device: str, retain: bool, out: mp.Queue) -> None:
     """Measure one (size, length) configuration; puts a dict on ``out``."""
     import torch
@@ -117,6 +117,7 @@ def run_config(size: str, length: int, n_docs: int, batch_size: int, kronfluence
     cache = factors.manifest["pass_cache"]
     res["cached_batches"], res["all_batches"], res["cache_mib_used"] = (cache["batches"], cache["of_batches"],
                                                                          cache["mib"])
+    res["cache_budget_mib"] = cache["budget_mib"]
     res["passes_over_train"] = (res["fit_s"] - res["eigh_s"]) / res["train_s"]
     res["cold_passes_over_train"] = (res["fit_cold_s"] - res["eigh_cold_s"]) / res["train_s"]
     res["factor_floats"] = factors.n_floats()
@@ -215,7 +216,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=32, help="documents per configuration")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-kronfluence", action="store_true")
-    ap.add_argument("--cache-mib", type=int, default=1024, help="FitSettings.cache_mib of msif's fit")
+    ap.add_argument("--cache-mib", type=int, default=None,
+                    help="FitSettings.cache_mib of msif's fit (default: its automatic budget)")
     ap.add_argument("--no-retain-memory", action="store_true",
                     help="leave glibc's malloc as it is (msif_core.memory.retain_freed_memory not called)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the GPU)")

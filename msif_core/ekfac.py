@@ -8,8 +8,8 @@ Fitting has two streaming passes, each a sum that can be computed per shard and 
 
 Both passes use the same gradients: with the true Fisher, the Λ pass replays the covariance pass's
 seeded draws. So :func:`fit_ekfac` keeps what the Λ pass needs from the covariance pass in memory
-(:class:`PassCache`, up to ``FitSettings.cache_mib``) and runs a second forward/backward only for the
-batches that did not fit; the result is the same either way.
+(:class:`PassCache`, up to ``FitSettings.cache_mib``, by default a quarter of the memory available) and
+runs a second forward/backward only for the batches that did not fit; the result is the same either way.
 
 Per module, the stored factors are ``Q_A`` [d, d], ``Q_S`` [blocks, p, p] and ``Λ`` [blocks, p, d]:
 d² + Σ p² + d·P numbers. Damping is added only when preconditioning, never into ``Λ``.
@@ -50,9 +50,11 @@ class FitSettings:
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward/backward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the true-Fisher target sampling."})
     shard: int = field(default=0, metadata={"help": "Shard index, mixed into the seed per shard."})
-    cache_mib: int = field(default=1024, metadata={
+    cache_mib: float | None = field(default=None, metadata={
         "help": "Memory (MiB) for keeping the covariance pass's gradients so that the Λ pass needs no second "
-                "forward/backward over them; 0 always recomputes. Results do not depend on it."})
+                "forward/backward over them; 0 always recomputes; None (default): a quarter of the memory "
+                "available on the model's device when the fit starts, at most 16 GiB. Results do not depend "
+                "on it."})
 
     def generator(self) -> torch.Generator:
         """The seeded (CPU) generator of one shard's true-Fisher draws; each pass starts a fresh one, so
@@ -162,6 +164,43 @@ class Eigenbasis:
         t, meta = _read_safetensors(path)
         return Eigenbasis({k[4:]: v for k, v in t.items() if k.startswith("q_a/")},
                           {k[4:]: v for k, v in t.items() if k.startswith("q_s/")}, int(meta["tokens"]))
+
+
+CACHE_AUTO_SHARE = 0.25  # of the memory available when the fit starts
+CACHE_AUTO_MAX = 16 * 2**30
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes of memory available on ``device`` now: free GPU memory for CUDA, the kernel's
+    ``MemAvailable`` (free plus reclaimable) for the CPU; None where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def cache_budget(settings: FitSettings, device: torch.device) -> int:
+    """The pass cache's budget in bytes: ``settings.cache_mib`` if given, else a quarter of the memory
+    available on ``device`` (at most 16 GiB; 1 GiB where the available memory cannot be read)."""
+    if settings.cache_mib is not None:
+        if settings.cache_mib < 0:
+            raise ValueError(f"FitSettings.cache_mib must be >= 0 (or None for automatic), got {settings.cache_mib}")
+        return int(settings.cache_mib * 2**20)
+    avail = available_memory(device)
+    if avail is None:
+        return 2**30
+    return int(min(avail * CACHE_AUTO_SHARE, CACHE_AUTO_MAX))
 
 
 class PassCache:
@@ -530,14 +569,14 @@ def fit_ekfac(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, setti
     """Fit EK-FAC factors of ``model`` on ``encoded`` (both passes) and return them."""
     settings = settings or FitSettings()
     t0 = time.perf_counter()
-    cache = PassCache(settings.cache_mib * 2**20)
+    cache = PassCache(cache_budget(settings, next(model.parameters()).device))
     sums = covariance_sums(model, specs, encoded, settings, pad_id, cache)
     t1 = time.perf_counter()
     basis = eigenbasis(sums, specs)
     t2 = time.perf_counter()
     # how much of the data the Λ pass took from memory instead of a second forward/backward
     cached = {"batches": len(cache.batches), "mib": round(cache.used / 2**20, 1),
-              "of_batches": -(-sums.sequences // settings.batch_size)}
+              "of_batches": -(-sums.sequences // settings.batch_size), "budget_mib": round(cache.budget / 2**20, 1)}
     lam = lambda_sums(model, specs, encoded, basis, settings, pad_id, cache)
     f = finalize(model, specs, basis, lam, settings,
                  {"fit_seconds": round(time.perf_counter() - t0, 3), "eigh_seconds": round(t2 - t1, 3),

@@ -181,11 +181,32 @@ def test_lambda_pass_is_the_same_cached_partly_cached_or_recomputed(models, docs
     # fit_ekfac records how much of the data its Λ pass took from memory
     one = fit_ekfac(model, specs, docs, FitSettings(fisher="true", batch_size=2, seed=4, cache_mib=first / 2**20),
                     PAD).manifest["pass_cache"]
-    assert one == {"batches": 1, "mib": round(first / 2**20, 1), "of_batches": n_batches}
+    assert one == {"batches": 1, "mib": round(first / 2**20, 1), "of_batches": n_batches,
+                   "budget_mib": round(first / 2**20, 1)}
     for label in ("one", "none", "no cache"):
         for s in specs:
             assert_scaled_close(lams[label].lam[s.name], lams["all"].lam[s.name], f"Λ of {s.name}, cache {label}",
                                 tol=1e-12)
+
+
+def test_pass_cache_budget_is_explicit_or_a_share_of_available_memory(monkeypatch):
+    """cache_mib in MiB when given; by default a quarter of the device's available memory, capped at
+    16 GiB, 1 GiB where unknown; a negative budget is refused."""
+    import msif_core.ekfac as ek
+
+    cpu = torch.device("cpu")
+    assert ek.cache_budget(FitSettings(cache_mib=3), cpu) == 3 * 2**20
+    assert ek.cache_budget(FitSettings(cache_mib=0), cpu) == 0
+    with pytest.raises(ValueError, match="cache_mib must be >= 0"):
+        ek.cache_budget(FitSettings(cache_mib=-1), cpu)
+    avail = ek.available_memory(cpu)
+    assert avail is not None and avail > 2**20, "MemAvailable of this Linux machine should be readable"
+    monkeypatch.setattr(ek, "available_memory", lambda device: 8 * 2**30)
+    assert ek.cache_budget(FitSettings(), cpu) == 2 * 2**30
+    monkeypatch.setattr(ek, "available_memory", lambda device: 200 * 2**30)
+    assert ek.cache_budget(FitSettings(), cpu) == 16 * 2**30
+    monkeypatch.setattr(ek, "available_memory", lambda device: None)
+    assert ek.cache_budget(FitSettings(), cpu) == 2**30
 
 
 def _onehot_logits(batch, scale=40.0):

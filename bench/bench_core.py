@@ -1,8 +1,9 @@
 """Speed and memory of the core engine against a plain training pass and against kronfluence.
 
-Run:  .venv/bin/python bench/bench_core.py [--sizes small,large] [--lengths 512,128] [--docs 32] [--device cpu]
+Run:  .venv/bin/python bench/bench_core.py [--sizes small,large] [--lengths 512,128] [--tokens 16384] [--device cpu]
 
-For each GPT-NeoX size and document length (random tokens; speed does not depend on the values):
+For each GPT-NeoX size and document length (random tokens; speed does not depend on the values), over
+the same number of tokens at every length (``--tokens``: 32 documents of 512 tokens, 128 of 128):
 - ``train``: one plain training pass (forward + backward with weight gradients) over the documents;
 - ``fit``: msif's EK-FAC fit (covariance pass + eigendecomposition + Λ pass, true Fisher), timed in a
   warm process as the training pass is (``fit_cold_s``: the first fit of the process); ``eigh_s`` is its
@@ -213,7 +214,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="small,large")
     ap.add_argument("--lengths", default="512,128")
-    ap.add_argument("--docs", type=int, default=32, help="documents per configuration")
+    ap.add_argument("--tokens", type=int, default=16384,
+                    help="tokens per configuration: tokens // length documents")
+    ap.add_argument("--docs", type=int, default=None, help="documents per configuration (overrides --tokens)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--no-kronfluence", action="store_true")
     ap.add_argument("--cache-mib", type=int, default=None,
@@ -228,7 +231,8 @@ def main() -> None:
     for size in args.sizes.split(","):
         for length in (int(x) for x in args.lengths.split(",")):
             q = ctx.Queue()
-            p = ctx.Process(target=run_config, args=(size, length, args.docs, args.batch_size,
+            n_docs = args.docs or max(1, args.tokens // length)
+            p = ctx.Process(target=run_config, args=(size, length, n_docs, args.batch_size,
                                                      not args.no_kronfluence, args.cache_mib, args.device,
                                                      not args.no_retain_memory, q))
             p.start()

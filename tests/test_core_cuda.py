@@ -77,10 +77,18 @@ def test_gpu_factors_match_cpu_brute_force(arch, fisher):
         _fit_on_gpu_and_check(model, enc, FitSettings(fisher=fisher, batch_size=3, seed=5))
 
 
-@pytest.mark.parametrize("cache_mib", [0, 1024])
+@pytest.mark.parametrize("cache_mib", [0, 1024, None])
 def test_gpu_long_sequence_factors_match_cpu_brute_force(cache_mib):
     _fit_on_gpu_and_check(tiny_model("llama", seed=1), LONG_DOCS,
                           FitSettings(fisher="true", batch_size=2, seed=3, cache_mib=cache_mib))
+
+
+def test_automatic_pass_cache_budget_is_a_share_of_free_gpu_memory():
+    from msif_core.ekfac import cache_budget
+
+    free = torch.cuda.mem_get_info()[0]
+    budget = cache_budget(FitSettings(), torch.device("cuda"))
+    assert 0 < budget <= min(free // 4, 16 * 2**30) + 2**20
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "gpt2"])

@@ -31,6 +31,7 @@ import pandas as pd
 
 from dagster_project.config import GRADIENT_METHODS, ExperimentConfig
 from dagster_project.resources import DeviceResource, EmbedderResource
+from msif_core.models import FINGERPRINT_VERSION
 
 from .io import (
     CorpusReader,
@@ -136,14 +137,16 @@ def code_versions(cfg: ExperimentConfig, embedder_name: str) -> dict[str, str]:
         tail = "-" + hashlib.sha256(extra.encode()).hexdigest()[:8] if extra else ""
         return f"{PIPELINE_VERSION}-{cfg.digest(*parts)}{tail}"
 
+    # the factors' manifests carry the models' fingerprint: a new fingerprint definition refits/reassembles them
+    fp = f"fingerprint-{FINGERPRINT_VERSION}"
     fit = v("shard_size", *FACTOR_SETTINGS)
     return {
         "corpus_shards": v("shard_size"),
         "corpus_embeddings": v(extra=embedder_name),
         "candidates": v("scores.candidates", extra=embedder_name),
         "pretrain_covariance_sums": fit, "pretrain_eigenbasis": fit, "pretrain_lambda_sums": fit,
-        "pretrain_factors": fit,
-        "finetune_factors": v(*FACTOR_SETTINGS),
+        "pretrain_factors": v("shard_size", *FACTOR_SETTINGS, extra=fp),
+        "finetune_factors": v(*FACTOR_SETTINGS, extra=fp),
         "query_ihvps": v("factors.attention_blocks", "factors.modules", "factors.max_length",
                          "scores.damping_pretrain", "scores.damping_finetune", "scores.query_rank", "scores.methods"),
         "influence_scores": v("scores.methods", "factors.max_length", "scores.damping_pretrain",

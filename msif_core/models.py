@@ -299,9 +299,24 @@ def load_model(path: str | Path, task: str = "auto", dtype: torch.dtype = torch.
     return LoadedModel(model, tokenizer, str(p), task)
 
 
+def _in_layer_stack(name: str) -> bool:
+    """Whether a module sits in a numbered stack of layers (``...layers.3.mlp...``), i.e. in the backbone."""
+    return any(part.isdigit() for part in name.split("."))
+
+
 def check_compatible(pt_specs: list[ModuleSpec], ft_specs: list[ModuleSpec]) -> list[str]:
-    """Names of modules present in both models; raise naming the first shape mismatch."""
+    """Names of modules present in both models; raise naming the first shape mismatch, or the first
+    backbone-layer module found in one model only (a different number of layers). Modules outside the
+    layer stack found in one model only (a replaced head tagged by the user) are left out."""
     ft = {s.name: s for s in ft_specs}
+    pt_names = {s.name for s in pt_specs}
+    for which, specs, other in (("pre-trained", pt_specs, ft), ("fine-tuned", ft_specs, pt_names)):
+        lone = [s.name for s in specs if s.name not in other and _in_layer_stack(s.name)]
+        if lone and len(lone) < len(specs):
+            raise ValueError(
+                f"module {lone[0]} is in the {which} model only ({len(lone)} such layer modules): the "
+                f"backbones differ (another number of layers?); both checkpoints must share the backbone "
+                f"architecture")
     common = []
     for s in pt_specs:
         if s.name in ft:
@@ -316,13 +331,20 @@ def check_compatible(pt_specs: list[ModuleSpec], ft_specs: list[ModuleSpec]) -> 
     return common
 
 
+FINGERPRINT_VERSION = 2  # 1 hashed the analysed weights only
+
+
 def fingerprint(model: nn.Module, specs: list[ModuleSpec]) -> str:
-    """A content hash of the analysed weights and their block layout."""
+    """A content hash of the model's parameters and the analysed block layout.
+
+    Every parameter counts, not only the analysed blocks': factors depend on the embeddings, norms and
+    head too (through the activations ``a`` and the loss gradients ``ds``), so factors fitted before any
+    weight changed are refused.
+    """
     h = hashlib.sha256()
-    h.update(json.dumps([s.to_json() for s in specs], sort_keys=True).encode())
-    for s in specs:
-        mod = model.get_submodule(s.name)
-        for t in (mod.weight, mod.bias):
-            if t is not None:
-                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    h.update(json.dumps({"version": FINGERPRINT_VERSION, "class": type(model).__name__,
+                         "blocks": [s.to_json() for s in specs]}, sort_keys=True).encode())
+    for name, t in model.named_parameters():
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return "sha256:" + h.hexdigest()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 
@@ -77,13 +78,16 @@ def test_checkpoint_without_tokenizer_loads_without_inventing_one(tmp_path, capl
     ({"intermediate_size": 48}, "gpt_neox.layers.0.mlp.dense_h_to_4h"),
     ({"num_attention_heads": 4}, "gpt_neox.layers.0.attention.query_key_value"),
     ({"attention_bias": False}, "gpt_neox.layers.0.attention.query_key_value"),
+    ({"num_hidden_layers": 3}, "gpt_neox.layers.2.attention.query_key_value"),
 ])
 def test_backbones_whose_blocks_differ_name_the_first_mismatch(tmp_path, change, first):
     tiny_model("gpt_neox").save_pretrained(tmp_path / "pt")
     tiny_model("gpt_neox", **change).save_pretrained(tmp_path / "ft")
-    with pytest.raises(ValueError, match="differs between the pre-trained and fine-tuned") as e:
+    with pytest.raises(ValueError, match="(differs between the pre-trained and fine-tuned|fine-tuned model only)") as e:
         load_stages(tmp_path / "pt", tmp_path / "ft", AttributionSettings())
     assert f"module {first} " in str(e.value)
+    with pytest.raises(ValueError, match=f"module {first} "):  # either way round
+        load_stages(tmp_path / "ft", tmp_path / "pt", AttributionSettings())
 
 
 def test_models_sharing_no_module_are_refused():
@@ -180,6 +184,16 @@ def test_factors_of_another_model_are_refused(tmp_path, small):
     with pytest.raises(ValueError, match="fitted on another model"):
         Factors.load(tmp_path / "f", expect_fingerprint=fingerprint(model, discover_modules(model, "fused")))
     assert Factors.load(tmp_path / "f", expect_fingerprint=fingerprint(model, specs)).manifest["fingerprint"]
+    # weights outside the analysed blocks shape a and ds too: a changed norm, embedding or head is another model
+    names = {s.name for s in specs}
+    outside = [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] not in names]
+    assert any("norm" in n for n in outside) and any("embed" in n for n in outside)
+    for name in [next(n for n in outside if "norm" in n), next(n for n in outside if "embed" in n)]:
+        changed = copy.deepcopy(model)
+        with torch.no_grad():
+            changed.get_parameter(name).view(-1)[0] += 1e-3
+        with pytest.raises(ValueError, match="fitted on another model"):
+            Factors.load(tmp_path / "f", expect_fingerprint=fingerprint(changed, specs))
     with pytest.raises(FileNotFoundError, match="holds no EK-FAC factors"):
         Factors.load(tmp_path / "nothing")
     man = json.loads((tmp_path / "f" / "manifest.json").read_text())

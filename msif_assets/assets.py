@@ -407,6 +407,7 @@ def build_assets(cfg: ExperimentConfig, embedder_name: str = "all-MiniLM-L6-v2")
             secs = t.seconds
             return dg.MaterializeResult(metadata={
                 "sequences": sums.sequences, "tokens": sums.tokens, "seconds": round(secs, 3),
+                "truncated_documents": enc.n_truncated,
                 "tokens_per_second": round(sums.tokens / max(secs, 1e-9), 1), "modules": len(sums.a),
                 "path": dg.MetadataValue.path(str(layout.covariance_sums(key)))})
 
@@ -651,6 +652,7 @@ def _factor_metadata(factors, seconds: float, path: Path) -> dict[str, Any]:
             "tokens": int(m.get("tokens", 0)), "seconds": round(seconds, 3),
             "tokens_per_second": round(2 * int(m.get("tokens", 0)) / max(seconds, 1e-9), 1),
             "fingerprint": str(m.get("fingerprint")), "path": dg.MetadataValue.path(str(path)),
+            "truncated_sequences": int(m.get("truncated", 0)),
             "blocks_table": dg.MetadataValue.md(md_table(pd.DataFrame(rows)))}
 
 
@@ -698,7 +700,7 @@ def score_shard(cfg: ExperimentConfig, layout: Layout, stages: tuple, docs: pd.D
     kept = need.iloc[enc.kept].reset_index(drop=True)
     md: dict[str, Any] = {"candidate_documents": len(need), "scored_documents": len(kept),
                           "dropped_documents": len(need) - len(kept), "queries": len(scored_q),
-                          "document_tokens": enc.n_tokens}
+                          "document_tokens": enc.n_tokens, "truncated_documents": enc.n_truncated}
     frames = []
     dev = next(pt.model.parameters()).device
     for m in cfg.scores.methods:

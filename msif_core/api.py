@@ -160,14 +160,23 @@ def attribute(pretrained: str | Path, finetuned: str | Path, documents: Sequence
     pt, ft = load_stages(pretrained, finetuned, settings, device=device)
     docs = encode_documents(pt.loaded.tokenizer, [t for _, t in documents], settings.max_length)
     if len(docs) == 0:
-        raise ValueError("no documents to score (empty corpus, or every document shorter than 2 tokens)")
+        raise ValueError(f"documents: nothing to score ({len(documents)} given; every document needs at least 2 "
+                         f"tokens). Fix: pass the pre-training documents as (doc_id, text) pairs")
     doc_ids = [documents[i][0] for i in docs.kept]
     qenc = encode_queries(ft, [p for _, p, _ in queries], [c for _, _, c in queries], settings.max_length)
+    if len(qenc) == 0:
+        raise ValueError(f"queries: nothing to attribute ({len(queries)} given; each needs a non-empty completion "
+                         f"within max_length={settings.max_length} tokens). Fix: pass (query_id, prompt, "
+                         f"completion) triples")
     query_ids = [queries[i][0] for i in qenc.kept]
     need_ft = any(m in ("ms_if", "ss_if") for m in settings.methods)
     ft_factors = pt_factors = None
     if need_ft:
         fenc = encode_queries(ft, [p for p, _ in finetuning], [c for _, c in finetuning], settings.max_length)
+        if len(fenc) == 0:
+            raise ValueError(f"finetuning: no usable example ({len(finetuning)} given) for the fine-tune's EK-FAC "
+                             f"factors, which ms_if and ss_if need. Fix: pass the (prompt, completion) pairs "
+                             f"the model was fine-tuned on, or use methods=('gdp',)")
         ft_factors = fit_stage_factors(ft, fenc, settings)
     if "ms_if" in settings.methods:
         pt_factors = fit_stage_factors(pt, docs, settings)

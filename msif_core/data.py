@@ -156,6 +156,9 @@ def encode_classification(tokenizer, texts: Sequence[str], labels: Sequence[int]
         out.loss_mask.append([False] * len(ids))
         out.labels.append(int(label))
         out.kept.append(i)
+    if out.n_truncated:
+        log.warning("%d of %d texts were longer than %d tokens and were truncated",
+                    out.n_truncated, len(texts), max_length)
     return out
 
 

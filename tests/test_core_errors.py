@@ -18,7 +18,7 @@ from core_helpers import (
 
 from msif_core import ekfac as ekfac_module
 from msif_core.api import AttributionSettings, load_stages
-from msif_core.data import Encoded, encode_documents, encode_pairs
+from msif_core.data import Encoded, encode_classification, encode_documents, encode_pairs
 from msif_core.ekfac import CovarianceSums, Factors, FitSettings, covariance_sums, eigenbasis, fit_ekfac
 from msif_core.models import check_compatible, discover_modules, fingerprint, load_model
 from msif_core.query import QueryIHVPs, measurement_gradients, query_ihvps
@@ -136,6 +136,10 @@ def test_documents_longer_than_max_length_are_truncated_and_counted(small, caplo
     assert pairs.loss_mask[1] == [False] + [True] * 5
     with pytest.raises(ValueError, match="at least 2"):
         encode_documents(tok, texts, max_length=1)
+    # texts for a classification head are truncated, counted and reported too
+    with caplog.at_level(logging.WARNING, logger="msif_core.data"):
+        cls = encode_classification(tok, texts, [0, 1, 0], max_length=8)
+    assert cls.n_truncated == 2 and "2 of 3 texts were longer than 8 tokens" in caplog.text
 
 
 # ---------------------------------------------------------------------------------- numerics

@@ -396,6 +396,15 @@ def test_attribute_end_to_end(tmp_path, device):
         want["ss_if"] = want["ss_if"] + torch.einsum("npd,qpd->nq", stack(gz_ft, n), pm).numpy()
         pz = explicit_precondition(pt_f, n, stack(gz_pt, n), 1e-2)
         want["ms_if"] = want["ms_if"] + torch.einsum("npd,qpd->nq", pz, pm).numpy()
+    # each empty input is named, with the fix
+    for args, what in (((documents, finetuning, []), "queries: nothing to attribute"),
+                       ((documents, [], qs), "finetuning: no usable example"),
+                       (([], finetuning, qs), "documents: nothing to score")):
+        with pytest.raises(ValueError, match=what):
+            attribute(tmp_path / "pt", tmp_path / "ft", *args, settings, device=device)
+    gdp_only = AttributionSettings(batch_size=3, max_length=16, methods=("gdp",))
+    assert set(attribute(tmp_path / "pt", tmp_path / "ft", documents, [], qs, gdp_only, device=device).method) == {
+        "gdp"}
     for method, w in want.items():
         t = table[table.method == method]
         got = t.pivot(index="doc_id", columns="query_id", values="score").loc[[d for d, _ in documents],

@@ -91,7 +91,11 @@ def test_tables_and_metadata(run) -> None:
     assert set(quality.method) == set(df.method) and quality.mrr.between(0, 1).all()
     # materialisation metadata a person reads at a glance
     ev = pipe.instance.get_latest_materialization_event(dg.AssetKey("finetune_factors")).asset_materialization
-    assert {"tokens_per_second", "seconds", "sequences", "blocks_table"} <= set(ev.metadata)
+    assert {"tokens_per_second", "seconds", "sequences", "blocks_table", "truncated_sequences"} <= set(ev.metadata)
+    # over-long documents are counted where they are cut: in the fit shards and the scored shards
+    for key in ("pretrain_covariance_sums", "influence_scores"):
+        ev = pipe.instance.get_latest_materialization_event(dg.AssetKey(key)).asset_materialization
+        assert ev.metadata["truncated_documents"].value >= 0, key
     ev = pipe.instance.get_latest_materialization_event(dg.AssetKey("attribution_report")).asset_materialization
     assert "data:image/png;base64," in ev.metadata["report"].value
 

@@ -272,13 +272,15 @@ def _precond_all(f, specs, seed=0, damping=1e-3):
                                    damping) for s in specs}
 
 
-def test_batch_size_and_padding_do_not_change_factors(models):
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_batch_size_and_padding_do_not_change_factors(models, fisher):
+    """Also with sampled targets: each sequence's draws do not depend on the batch it lands in."""
     model = models["gpt_neox"]
     specs = discover_modules(model)
-    fits = [fit_ekfac(model, specs, PAIRS, FitSettings(fisher="empirical", batch_size=bs), pad)
+    fits = [fit_ekfac(model, specs, PAIRS, FitSettings(fisher=fisher, batch_size=bs, seed=2), pad)
             for bs, pad in ((1, PAD), (4, PAD), (4, 7), (len(PAIRS), 30))]
     ref = _precond_all(fits[0], specs)
-    sums = [covariance_sums(model, specs, PAIRS, FitSettings(fisher="empirical", batch_size=bs), pad)
+    sums = [covariance_sums(model, specs, PAIRS, FitSettings(fisher=fisher, batch_size=bs, seed=2), pad)
             for bs, pad in ((1, PAD), (4, 7))]
     for s in specs:
         assert_scaled_close(sums[1].a[s.name], sums[0].a[s.name], "A sums vs batch size")

@@ -360,9 +360,28 @@ def eigenbasis(sums: CovarianceSums, specs: list[ModuleSpec] | None = None) -> E
             raise FloatingPointError(
                 f"non-finite {where}; the model's activations or gradients overflow: fit in float32 or "
                 f"float64 instead of half precision (dtype=...), or check the checkpoint for inf/nan weights")
-        q_a[name] = torch.linalg.eigh(a.double())[1]
-        q_s[name] = torch.linalg.eigh(s.double())[1]
+        q_a[name] = _eigenvectors(a, f"activation covariance A of module {name}")
+        q_s[name] = _eigenvectors(s, f"gradient covariances S of module {name}")
     return Eigenbasis(q_a, q_s, sums.tokens)
+
+
+def _eigenvectors(c: torch.Tensor, what: str) -> torch.Tensor:
+    """float64 ``eigh`` eigenvectors; where LAPACK does not converge (a badly conditioned covariance), one
+    retry with a diagonal shift of 1e-12 of the mean eigenvalue (a multiple of the identity: the same
+    eigenvectors in exact arithmetic), then an error naming the covariance."""
+    c = c.double()
+    try:
+        return torch.linalg.eigh(c)[1]
+    except torch.linalg.LinAlgError:
+        eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
+        scale = c.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[..., None, None]
+        try:
+            return torch.linalg.eigh(c + 1e-12 * scale * eye)[1]
+        except torch.linalg.LinAlgError as e:
+            raise FloatingPointError(
+                f"the eigendecomposition of the {what} did not converge ({e}); the covariance is badly "
+                f"conditioned: fit on more (or more varied) data, in float32/float64 rather than half "
+                f"precision, or leave this module out (modules='mlp' or module_tags)") from e
 
 
 def lambda_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, basis: Eigenbasis,
@@ -503,9 +522,12 @@ class Factors:
         """Raise naming the first module with non-finite or negative Λ."""
         for name, lam in self.lam.items():
             if not torch.isfinite(lam).all():
-                raise FloatingPointError(f"non-finite eigenvalues Λ in module {name}")
+                raise FloatingPointError(
+                    f"non-finite eigenvalues Λ in module {name}: its per-sequence gradients overflow; fit in "
+                    f"float32 or float64 rather than half precision, or check the checkpoint for inf/nan weights")
             if (lam < 0).any():
-                raise FloatingPointError(f"negative eigenvalues Λ in module {name}")
+                raise FloatingPointError(f"negative eigenvalues Λ in module {name}: the factors are corrupt; "
+                                         f"refit them")
 
     def n_floats(self) -> int:
         """Stored numbers: Σ over modules of d² + Σ p² + d·P."""

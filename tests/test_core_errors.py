@@ -10,6 +10,7 @@ import pytest
 import torch
 from core_helpers import (
     PAD,
+    assert_scaled_close,
     one_thread,  # noqa: F401  (autouse fixture)
     random_docs,
     random_pairs,
@@ -165,6 +166,37 @@ def test_non_finite_covariances_name_the_block(small):
         eigenbasis(sums)
     with pytest.raises(ValueError, match="no tokens"):
         eigenbasis(CovarianceSums(sums.a, sums.s, 0, 0))
+
+
+def test_an_eigendecomposition_that_does_not_converge_is_retried_then_named(small, monkeypatch):
+    model, specs, _ = small
+    sums = covariance_sums(model, specs, random_docs(3, 3, 5, seed=3), FitSettings(fisher="empirical"), PAD)
+    ref = eigenbasis(sums, specs)
+    real = torch.linalg.eigh
+    calls = {"n": 0}
+
+    def flaky(x, *args, **kw):  # the first call fails, as LAPACK does on a badly conditioned matrix
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.linalg.LinAlgError("failed to converge")
+        return real(x, *args, **kw)
+
+    monkeypatch.setattr(torch.linalg, "eigh", flaky)
+    retried = eigenbasis(sums, specs)
+    name = specs[0].name
+    # a shift by a multiple of the identity has the same eigenvectors: they still diagonalise A
+    a = sums.a[name] / sums.tokens
+    rot = retried.q_a[name].T @ a @ retried.q_a[name]
+    assert_scaled_close(rot, torch.diag(rot.diagonal()), "Q_Aᵀ A Q_A after the retry", tol=1e-10)
+    assert_scaled_close(rot.diagonal().sort().values, torch.linalg.eigvalsh(a), "eigenvalues", tol=1e-10)
+    assert retried.q_a.keys() == ref.q_a.keys()
+
+    def broken(x, *args, **kw):
+        raise torch.linalg.LinAlgError("failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    with pytest.raises(FloatingPointError, match=f"activation covariance A of module {name} did not converge"):
+        eigenbasis(sums, specs)
 
 
 def test_a_model_that_overflows_is_reported(small):

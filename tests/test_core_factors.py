@@ -83,6 +83,20 @@ def test_empirical_fisher_factors_match_brute_force(models, arch, kind):
     _check_factors(model, specs, enc, FitSettings(fisher="empirical", batch_size=BATCH), bf, bf)
 
 
+def test_user_tagged_modules_match_brute_force(models):
+    """Any model through module_tags: each tagged module is one block (here GPT-2's transposed Conv1D
+    projections, tagged by hand), fitted like the discovered ones."""
+    model = models["gpt2"]
+    tags = {"transformer.h.0.attn.c_attn": "mha", "transformer.h.0.mlp.c_fc": "mlp",
+            "transformer.h.1.mlp.c_proj": "mlp"}
+    specs = discover_modules(model, module_tags=tags)
+    assert [(s.name, s.kind, s.n_blocks, s.layout) for s in specs] == [
+        (n, k, 1, "conv1d") for n, k in tags.items()]
+    assert [s.kind for s in discover_modules(model, modules="mlp", module_tags=tags)] == ["mlp", "mlp"]
+    bf = BruteRun(model, specs, loss_closures(model, PAIRS))
+    _check_factors(model, specs, PAIRS, FitSettings(fisher="empirical", batch_size=BATCH), bf, bf)
+
+
 def test_factors_without_bias_columns_match_brute_force():
     """Llama as usually configured (no biases): d is the input width, no constant column."""
     model = tiny_model("llama", seed=1, attention_bias=False, mlp_bias=False)

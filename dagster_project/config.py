@@ -28,6 +28,9 @@ Example (every key but the paths shows its default)::
     max_length = 512
     batch_size = 8
 
+    [factors.module_tags]           # only for architectures msif does not discover: each named
+    "model.layers.0.mlp.fc1" = "mlp"  #   module is one block, tagged "mlp" or "mha" (default: none)
+
     [scores]
     methods = ["ms_if", "ss_if", "gdp", "repsim", "bm25"]
     damping_pretrain = 1e-4         # a number, or "relative:0.1"
@@ -67,6 +70,7 @@ class FactorSettings:
     max_examples: int = 100_000
     max_length: int = 512
     batch_size: int = 8
+    module_tags: tuple[tuple[str, str], ...] = ()  # (module name, "mlp" | "mha"), in the file's order
 
 
 @dataclass(frozen=True)
@@ -116,9 +120,11 @@ class ExperimentConfig:
         return resolve_corpus_files(self.pretraining_corpus)
 
     def digest(self, *parts: str) -> str:
-        """A short stable hash of the named settings (``"factors.fisher"``, ``"shard_size"``, ...)."""
+        """A short stable hash of the named settings (``"factors.fisher"``, ``"shard_size"``, ...); settings
+        left at an empty default (no ``module_tags``) do not count, so adding such a key to the settings an
+        asset depends on leaves existing code versions as they were."""
         flat = self.as_dict()
-        chosen = {p: flat[p] for p in parts}
+        chosen = {p: flat[p] for p in parts if p in flat}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
@@ -129,7 +135,7 @@ class ExperimentConfig:
             "data.finetuning_data": str(self.finetuning_data), "data.queries": str(self.queries),
             "shard_size": self.shard_size,
         }
-        out |= {f"factors.{k}": v for k, v in asdict(self.factors).items()}
+        out |= {f"factors.{k}": v for k, v in asdict(self.factors).items() if k != "module_tags" or v}
         out |= {f"scores.{k}": (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.scores).items()}
         return out
 
@@ -142,6 +148,8 @@ class ExperimentConfig:
 
 _STR, _INT, _NUM_OR_STR, _INT_OR_STR, _STR_LIST = "a string", "an integer", "a number or a string", \
     "an integer or a string", "a list of strings"
+_TAGS = 'a table of "module name" = "mlp" | "mha"'
+
 
 _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "lakehouse": {"root": (_STR, None)},
@@ -149,7 +157,8 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "data": {"pretraining_corpus": (_STR, None), "finetuning_data": (_STR, None), "queries": (_STR, None),
              "shard_size": (_INT, 10_000)},
     "factors": {"fisher": (_STR, "true"), "attention_blocks": (_STR, "per_head"), "modules": (_STR, "all"),
-                "max_examples": (_INT, 100_000), "max_length": (_INT, 512), "batch_size": (_INT, 8)},
+                "max_examples": (_INT, 100_000), "max_length": (_INT, 512), "batch_size": (_INT, 8),
+                "module_tags": (_TAGS, {})},
     "scores": {"methods": (_STR_LIST, list(ALL_METHODS)), "damping_pretrain": (_NUM_OR_STR, 1e-4),
                "damping_finetune": (_NUM_OR_STR, 1e-4), "candidates": (_INT_OR_STR, 100),
                "query_rank": (_INT, 0)},
@@ -168,6 +177,7 @@ def _type_ok(kind: str, v: Any) -> bool:
         _NUM_OR_STR: is_int or isinstance(v, (float, str)) and not isinstance(v, bool),
         _INT_OR_STR: is_int or isinstance(v, str),
         _STR_LIST: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        _TAGS: isinstance(v, dict) and all(isinstance(x, str) and x in ("mlp", "mha") for x in v.values()),
     }[kind]
 
 
@@ -301,7 +311,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         root=path("lakehouse", "root"), pretrained=path("models", "pretrained"), finetuned=path("models", "finetuned"),
         pretraining_corpus=corpus, finetuning_data=path("data", "finetuning_data"), queries=path("data", "queries"),
         shard_size=get("data", "shard_size"),
-        factors=FactorSettings(**{k: get("factors", k) for k in _SCHEMA["factors"]}),
+        factors=FactorSettings(**{k: get("factors", k) for k in _SCHEMA["factors"] if k != "module_tags"},
+                               module_tags=tuple(get("factors", "module_tags").items())),
         scores=ScoreSettings(methods=tuple(methods), damping_pretrain=damping["damping_pretrain"],
                              damping_finetune=damping["damping_finetune"], candidates=cand,
                              query_rank=get("scores", "query_rank")),

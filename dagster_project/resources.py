@@ -79,6 +79,7 @@ class DeviceResource(dg.ConfigurableResource):
 
         self.setup()
         key = (str(pretrained), str(finetuned), versions, settings.attention_blocks, settings.modules,
+               tuple((settings.module_tags or {}).items()),
                self.torch_device(), self.dtype)
         with _LOCK:
             if key not in _MODEL_CACHE:

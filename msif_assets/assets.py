@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 PIPELINE_VERSION = "1"
 POOL = "msif_accelerator"  # GPU-heavy steps; cap with `concurrency: pools:` in dagster.yaml
 FACTOR_SETTINGS = ("factors.fisher", "factors.attention_blocks", "factors.modules", "factors.max_examples",
-                   "factors.max_length", "factors.batch_size")
+                   "factors.max_length", "factors.batch_size", "factors.module_tags")
 
 def _scores_schema():
     import pyarrow as pa
@@ -147,7 +147,7 @@ def code_versions(cfg: ExperimentConfig, embedder_name: str) -> dict[str, str]:
         "pretrain_covariance_sums": fit, "pretrain_eigenbasis": fit, "pretrain_lambda_sums": fit,
         "pretrain_factors": v("shard_size", *FACTOR_SETTINGS, extra=fp),
         "finetune_factors": v(*FACTOR_SETTINGS, extra=fp),
-        "query_ihvps": v("factors.attention_blocks", "factors.modules", "factors.max_length",
+        "query_ihvps": v("factors.attention_blocks", "factors.modules", "factors.module_tags", "factors.max_length",
                          "scores.damping_pretrain", "scores.damping_finetune", "scores.query_rank", "scores.methods"),
         "influence_scores": v("scores.methods", "factors.max_length", "scores.damping_pretrain",
                               "scores.damping_finetune"),
@@ -192,6 +192,7 @@ def attribution_settings(cfg: ExperimentConfig):
 
     f, s = cfg.factors, cfg.scores
     return AttributionSettings(fisher=f.fisher, attention_blocks=f.attention_blocks, modules=f.modules,
+                               module_tags=dict(f.module_tags) or None,
                                max_examples=f.max_examples, max_length=f.max_length, batch_size=f.batch_size,
                                damping_pretrain=s.damping_pretrain, damping_finetune=s.damping_finetune,
                                query_rank=s.query_rank, methods=s.gradient_methods)

@@ -50,6 +50,9 @@ class AttributionSettings:
     query_rank: int = field(default=0, metadata={"help": "0 exact; r > 0 keeps rank-r query iHVPs"})
     seed: int = field(default=0, metadata={"help": "seed of the true-Fisher sampling"})
     methods: tuple[str, ...] = field(default=("ms_if", "ss_if", "gdp"), metadata={"help": "gradient methods"})
+    module_tags: dict[str, str] | None = field(default=None, metadata={
+        "help": "for architectures msif does not know: {module name: 'mlp' | 'mha'}, each module one block; "
+                "replaces the automatic discovery"})
 
     def fit_settings(self) -> FitSettings:
         """The EK-FAC part of these settings."""
@@ -85,8 +88,8 @@ def load_stages(pretrained: str | Path, finetuned: str | Path, settings: Attribu
     """Load both checkpoints and keep the analysed modules they share (shapes must agree)."""
     pt = load_model(pretrained, task="causal_lm", dtype=dtype, device=device)
     ft = load_model(finetuned, dtype=dtype, device=device)
-    pt_specs = discover_modules(pt.model, settings.attention_blocks, settings.modules)
-    ft_specs = discover_modules(ft.model, settings.attention_blocks, settings.modules)
+    pt_specs = discover_modules(pt.model, settings.attention_blocks, settings.modules, settings.module_tags)
+    ft_specs = discover_modules(ft.model, settings.attention_blocks, settings.modules, settings.module_tags)
     common = set(check_compatible(pt_specs, ft_specs))
     skipped = [s.name for s in pt_specs + ft_specs if s.name not in common]
     if skipped:

@@ -98,6 +98,8 @@ query_rank = 4
     ("[scores]\ndamping_finetune = -1.0\n", ["damping_finetune", ">= 0"]),
     ("[scores]\ncandidates = \"some\"\n", ["candidates", "\"all\""]),
     ("[scores]\ncandidates = 0\n", ["candidates", ">= 1"]),
+    ("[factors.module_tags]\n\"a.b\" = \"attention\"\n", ["[factors] module_tags", "\"mlp\" | \"mha\""]),
+    ("[factors]\nmodule_tags = [\"a.b\"]\n", ["[factors] module_tags", "a table"]),
 ])
 def test_bad_values_are_clear_errors(world: Path, extra: str, words: list[str]) -> None:
     path = write(world, extra)
@@ -107,6 +109,27 @@ def test_bad_values_are_clear_errors(world: Path, extra: str, words: list[str]) 
     assert str(path.resolve()) in msg
     for w in words:
         assert w in msg, (w, msg)
+
+
+def test_module_tags(world: Path) -> None:
+    """Tagged modules reach the core settings in the file's order; without tags the factor assets' code
+    versions are those of a file that never had the key."""
+    from msif_assets.assets import attribution_settings, code_versions
+
+    plain = load_config(write(world))
+    tagged = load_config(write(world, """
+[factors.module_tags]
+"model.layers.0.mlp.fc1" = "mlp"
+"model.layers.0.self_attn.qkv" = "mha"
+"""))
+    assert tagged.factors.module_tags == (("model.layers.0.mlp.fc1", "mlp"), ("model.layers.0.self_attn.qkv", "mha"))
+    assert attribution_settings(tagged).module_tags == {"model.layers.0.mlp.fc1": "mlp",
+                                                        "model.layers.0.self_attn.qkv": "mha"}
+    assert attribution_settings(plain).module_tags is None and plain.factors.module_tags == ()
+    assert "factors.module_tags" not in plain.as_dict()
+    a, b = code_versions(plain, "e"), code_versions(tagged, "e")
+    assert a["pretrain_factors"] != b["pretrain_factors"] and a["query_ihvps"] != b["query_ihvps"]
+    assert a["corpus_shards"] == b["corpus_shards"]
 
 
 def test_missing_required_key(world: Path) -> None:

@@ -91,6 +91,17 @@ def test_backbones_whose_blocks_differ_name_the_first_mismatch(tmp_path, change,
         load_stages(tmp_path / "ft", tmp_path / "pt", AttributionSettings())
 
 
+def test_module_tags_choose_the_blocks_of_both_stages(tmp_path):
+    tiny_model("gpt_neox").save_pretrained(tmp_path / "pt")
+    tiny_model("gpt_neox", seed=1).save_pretrained(tmp_path / "ft")
+    tags = {"gpt_neox.layers.1.mlp.dense_4h_to_h": "mlp", "gpt_neox.layers.0.attention.query_key_value": "mha"}
+    pt, ft = load_stages(tmp_path / "pt", tmp_path / "ft", AttributionSettings(module_tags=tags))
+    for stage in (pt, ft):
+        assert [(s.name, s.kind, s.n_blocks) for s in stage.specs] == [(n, k, 1) for n, k in tags.items()]
+    with pytest.raises(ValueError, match="not in the model; check the names in module_tags"):
+        load_stages(tmp_path / "pt", tmp_path / "ft", AttributionSettings(module_tags={"lm_head.x": "mlp"}))
+
+
 def test_models_sharing_no_module_are_refused():
     a = discover_modules(tiny_model("gpt_neox"))
     b = discover_modules(tiny_model("llama"))

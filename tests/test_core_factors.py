@@ -308,6 +308,18 @@ def test_batch_size_and_padding_do_not_change_factors(models, fisher):
             assert_scaled_close(f.lam[s.name].sum(), fits[0].lam[s.name].sum(), "Σ Λ")
 
 
+def test_both_passes_report_progress_with_token_rates(models, caplog):
+    import logging
+    import re
+
+    model = models["gpt_neox"]
+    with caplog.at_level(logging.INFO, logger="msif_core.ekfac"):
+        fit_ekfac(model, discover_modules(model), DOCS, FitSettings(batch_size=2), PAD)
+    n = len(DOCS)
+    for what in ("covariance", "eigenvalue"):
+        assert re.search(rf"EK-FAC {what} pass: {n}/{n} sequences, [0-9]+ tokens/s", caplog.text), what
+
+
 def test_max_examples_caps_both_passes(models):
     model = models["llama"]
     specs = discover_modules(model)

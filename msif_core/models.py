@@ -214,7 +214,21 @@ def discover_modules(model: nn.Module, attention_blocks: str = "per_head", modul
     if not specs:
         raise ValueError(
             f"no analysable modules found in {type(model).__name__}; pass module_tags={{name: 'mlp'|'mha'}}")
+    _warn_unknown_projections(model, named, {s.name for s in specs})
     return specs
+
+
+def _warn_unknown_projections(model: nn.Module, named: dict[str, nn.Module], found: set[str]) -> None:
+    """Log the linear projections of the layer stack that discovery did not recognise (a partly known
+    architecture would otherwise be analysed without them)."""
+    known = tuple(_KNOWN)
+    missed = [n for n, m in named.items()
+              if n not in found and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+              and any(part.isdigit() for part in n.split(".")) and not n.endswith(known)]
+    if missed:
+        log.warning("%d linear projections of %s are not analysed, e.g. %s; name every module to analyse in "
+                    "module_tags={name: 'mlp'|'mha'} to include them", len(missed), type(model).__name__,
+                    ", ".join(missed[:3]))
 
 
 def discover_blocks(model: nn.Module, attention_blocks: str = "per_head", modules: str = "all",

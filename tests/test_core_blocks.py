@@ -276,3 +276,27 @@ def test_factor_storage_size(fitted):
     model, specs, f = fitted["llama"]
     want = sum(s.d ** 2 + s.n_blocks * s.p ** 2 + s.d * s.out_features for s in specs)
     assert f.n_floats() == want
+
+
+def test_projections_discovery_does_not_know_are_reported(caplog):
+    """A partly known architecture (OPT: q/k/v_proj match Llama's names, out_proj/fc1/fc2 do not) is
+    analysed with a warning naming what is left out; the supported ones give none."""
+    import logging
+
+    from transformers import OPTConfig, OPTForCausalLM
+
+    with caplog.at_level(logging.WARNING, logger="msif_core.models"):
+        for arch in ARCHS:
+            discover_modules(tiny_model(arch))
+            discover_modules(tiny_model(arch), modules="mlp")
+        assert "not analysed" not in caplog.text
+        opt = OPTForCausalLM(OPTConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                                       num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16))
+        specs = discover_modules(opt)
+    assert {s.name.rsplit(".", 1)[1] for s in specs} == {"q_proj", "k_proj", "v_proj"}
+    assert "6 linear projections of OPTForCausalLM are not analysed" in caplog.text
+    assert "model.decoder.layers.0.fc1" in caplog.text and "module_tags" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="msif_core.models"):
+        discover_modules(opt, module_tags={"model.decoder.layers.0.fc1": "mlp"})  # the user chose: no warning
+    assert "not analysed" not in caplog.text

@@ -260,6 +260,17 @@ def test_save_load_round_trips(tmp_path):
     fp = fingerprint(w.pt, w.specs)
     back = Factors.load(path, expect_fingerprint=fp)
     assert back.manifest["fingerprint"] == fp and back.specs == w.pt_f.specs
+    # the manifest says what the factors are: model, blocks and layout, counts, settings, versions
+    import json
+
+    import transformers
+    man = json.loads((path / "manifest.json").read_text())
+    assert man["format"] == "msif-ekfac-1" and man["model_class"] == type(w.pt).__name__
+    assert [m["name"] for m in man["modules"]] == w.names
+    assert man["modules"][0]["layout"] == w.specs[0].layout and len(man["modules"][0]["blocks"]) == w.specs[0].n_blocks
+    assert (man["tokens"], man["sequences"]) == (w.docs.n_tokens, len(w.docs))
+    assert man["settings"]["fisher"] == "true" and man["settings"]["batch_size"] == 3
+    assert man["versions"] == {"torch": torch.__version__, "transformers": transformers.__version__}
     for n in w.names:
         for a, b in ((back.q_a, w.pt_f.q_a), (back.q_s, w.pt_f.q_s), (back.lam, w.pt_f.lam)):
             torch.testing.assert_close(a[n], b[n], rtol=0, atol=0)

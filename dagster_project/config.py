@@ -28,8 +28,8 @@ Example (every key but the paths shows its default)::
     max_length = 512
     batch_size = 8
 
-    [factors.module_tags]           # only for architectures msif does not discover: each named
-    "model.layers.0.mlp.fc1" = "mlp"  #   module is one block, tagged "mlp" or "mha" (default: none)
+    # [factors.module_tags]          # only for architectures msif does not discover (default: none):
+    # "model.layers.0.mlp.fc1" = "mlp" #   each named module is one block, "mlp" or "mha"; quote the names
 
     [scores]
     methods = ["ms_if", "ss_if", "gdp", "repsim", "bm25"]
@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 ENV_VAR = "MSIF_CONFIG"
+_OMITTED_WHEN_EMPTY = ("factors.module_tags",)  # settings added later: absent from as_dict/digest when empty
 DEMO_ROOT = Path("lakehouse") / "demo"
 ALL_METHODS = ("ms_if", "ss_if", "gdp", "repsim", "bm25")
 GRADIENT_METHODS = ("ms_if", "ss_if", "gdp")
@@ -120,10 +121,13 @@ class ExperimentConfig:
         return resolve_corpus_files(self.pretraining_corpus)
 
     def digest(self, *parts: str) -> str:
-        """A short stable hash of the named settings (``"factors.fisher"``, ``"shard_size"``, ...); settings
-        left at an empty default (no ``module_tags``) do not count, so adding such a key to the settings an
-        asset depends on leaves existing code versions as they were."""
+        """A short stable hash of the named settings (``"factors.fisher"``, ``"shard_size"``, ...); a setting
+        left at its empty default (``factors.module_tags``) does not count, so adding such a key to the
+        settings an asset depends on leaves existing code versions as they were. Unknown names raise."""
         flat = self.as_dict()
+        unknown = [p for p in parts if p not in flat and p not in _OMITTED_WHEN_EMPTY]
+        if unknown:
+            raise KeyError(f"no setting named {unknown}")
         chosen = {p: flat[p] for p in parts if p in flat}
         return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -135,7 +139,8 @@ class ExperimentConfig:
             "data.finetuning_data": str(self.finetuning_data), "data.queries": str(self.queries),
             "shard_size": self.shard_size,
         }
-        out |= {f"factors.{k}": v for k, v in asdict(self.factors).items() if k != "module_tags" or v}
+        out |= {f"factors.{k}": v for k, v in asdict(self.factors).items()
+                if f"factors.{k}" not in _OMITTED_WHEN_EMPTY or v}
         out |= {f"scores.{k}": (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.scores).items()}
         return out
 
@@ -259,7 +264,10 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
                 continue
             kind = _SCHEMA[section][key][0]
             if not _type_ok(kind, v):
-                errors.append(f"[{section}] {key} must be {kind}, got {type(v).__name__} {v!r}")
+                hint = ""
+                if kind == _TAGS and isinstance(v, dict) and any(isinstance(x, dict) for x in v.values()):
+                    hint = ' (quote each module name: "model.layers.0.mlp.fc1" = "mlp"; unquoted dots nest tables)'
+                errors.append(f"[{section}] {key} must be {kind}, got {type(v).__name__} {v!r}{hint}")
                 continue
             values[(section, key)] = v
     for sec, key in sorted(_REQUIRED):

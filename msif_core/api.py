@@ -158,28 +158,33 @@ def attribute(pretrained: str | Path, finetuned: str | Path, documents: Sequence
         A long DataFrame; positive scores mean the document supports the completion, rank 1 first.
     """
     settings = settings or AttributionSettings()
+    need_ft = any(m in ("ms_if", "ss_if") for m in settings.methods)
+    for what, given, fix in (("documents", documents, "pass the pre-training documents as (doc_id, text) pairs"),
+                             ("queries", queries, "pass (query_id, prompt, completion) triples"),
+                             ("finetuning", finetuning if need_ft else [None],
+                              "pass the (prompt, completion) pairs the model was fine-tuned on (ms_if and "
+                              "ss_if fit its EK-FAC on them), or use methods=('gdp',)")):
+        if len(given) == 0:
+            raise ValueError(f"{what} is empty. Fix: {fix}")
     retain_freed_memory()
     t0 = time.perf_counter()
     pt, ft = load_stages(pretrained, finetuned, settings, device=device)
     docs = encode_documents(pt.loaded.tokenizer, [t for _, t in documents], settings.max_length)
     if len(docs) == 0:
-        raise ValueError(f"documents: nothing to score ({len(documents)} given; every document needs at least 2 "
-                         f"tokens). Fix: pass the pre-training documents as (doc_id, text) pairs")
+        raise ValueError(f"documents: none of the {len(documents)} has the 2 tokens scoring needs. Fix: pass "
+                         f"longer texts")
     doc_ids = [documents[i][0] for i in docs.kept]
     qenc = encode_queries(ft, [p for _, p, _ in queries], [c for _, _, c in queries], settings.max_length)
     if len(qenc) == 0:
-        raise ValueError(f"queries: nothing to attribute ({len(queries)} given; each needs a non-empty completion "
-                         f"within max_length={settings.max_length} tokens). Fix: pass (query_id, prompt, "
-                         f"completion) triples")
+        raise ValueError(f"queries: none of the {len(queries)} has a completion token within max_length="
+                         f"{settings.max_length}. Fix: give each query a non-empty completion")
     query_ids = [queries[i][0] for i in qenc.kept]
-    need_ft = any(m in ("ms_if", "ss_if") for m in settings.methods)
     ft_factors = pt_factors = None
     if need_ft:
         fenc = encode_queries(ft, [p for p, _ in finetuning], [c for _, c in finetuning], settings.max_length)
         if len(fenc) == 0:
-            raise ValueError(f"finetuning: no usable example ({len(finetuning)} given) for the fine-tune's EK-FAC "
-                             f"factors, which ms_if and ss_if need. Fix: pass the (prompt, completion) pairs "
-                             f"the model was fine-tuned on, or use methods=('gdp',)")
+            raise ValueError(f"finetuning: none of the {len(finetuning)} pairs has a completion token within "
+                             f"max_length={settings.max_length}. Fix: give each pair a non-empty completion")
         ft_factors = fit_stage_factors(ft, fenc, settings)
     if "ms_if" in settings.methods:
         pt_factors = fit_stage_factors(pt, docs, settings)

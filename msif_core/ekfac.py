@@ -33,7 +33,7 @@ from torch import nn
 
 from .data import Encoded, iter_batches
 from .gradients import analysed_grads_only, forward_backward
-from .models import ModuleSpec, fingerprint
+from .models import FINGERPRINT_VERSION, ModuleSpec, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -129,20 +129,22 @@ class LambdaSums:
 
     lam: dict[str, torch.Tensor]  # [blocks, p, d]
     sequences: int = 0
+    truncated: int = 0  # sequences cut to the maximum length before the fit
 
     def merge(self, other: LambdaSums) -> LambdaSums:
         """Sum of two partial results."""
-        return LambdaSums({k: v + other.lam[k] for k, v in self.lam.items()}, self.sequences + other.sequences)
+        return LambdaSums({k: v + other.lam[k] for k, v in self.lam.items()}, self.sequences + other.sequences,
+                          self.truncated + other.truncated)
 
     def save(self, path: str | Path) -> None:
         """Write atomically as safetensors."""
-        _atomic_safetensors(self.lam, path, {"sequences": str(self.sequences)})
+        _atomic_safetensors(self.lam, path, {"sequences": str(self.sequences), "truncated": str(self.truncated)})
 
     @staticmethod
     def load(path: str | Path) -> LambdaSums:
         """Read what ``save`` wrote."""
         t, meta = _read_safetensors(path)
-        return LambdaSums(t, int(meta["sequences"]))
+        return LambdaSums(t, int(meta["sequences"]), int(meta.get("truncated", 0)))
 
 
 @dataclass
@@ -170,13 +172,26 @@ CACHE_AUTO_SHARE = 0.25  # of the memory available when the fit starts
 CACHE_AUTO_MAX = 16 * 2**30
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes of memory available on ``device`` now: free GPU memory for CUDA, the kernel's
-    ``MemAvailable`` (free plus reclaimable) for the CPU; None where it cannot be read."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
-        return None
+# (limit, usage) files of the process's memory cgroup: v2, then v1
+CGROUP_MEMORY_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes left under this container's memory limit (limit − usage), None where there is no limit."""
+    for limit_file, usage_file in CGROUP_MEMORY_FILES:
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:  # v1 writes a huge number for none
+            return None
+        return max(0, int(limit) - usage)
+    return None
+
+
+def _host_available() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -188,6 +203,18 @@ def available_memory(device: torch.device) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes of memory available on ``device`` now: free GPU memory for CUDA; for the CPU the kernel's
+    ``MemAvailable`` (free plus reclaimable), within the container's memory limit where there is one
+    (a container's /proc/meminfo shows the host's memory); None where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    sizes = [x for x in (_host_available(), _cgroup_headroom()) if x is not None]
+    return min(sizes) if sizes else None
 
 
 def cache_budget(settings: FitSettings, device: torch.device) -> int:
@@ -366,22 +393,23 @@ def eigenbasis(sums: CovarianceSums, specs: list[ModuleSpec] | None = None) -> E
 
 
 def _eigenvectors(c: torch.Tensor, what: str) -> torch.Tensor:
-    """float64 ``eigh`` eigenvectors; where LAPACK does not converge (a badly conditioned covariance), one
-    retry with a diagonal shift of 1e-12 of the mean eigenvalue (a multiple of the identity: the same
-    eigenvectors in exact arithmetic), then an error naming the covariance."""
+    """float64 ``eigh`` eigenvectors (ascending eigenvalues). Where LAPACK's ``eigh`` does not converge,
+    the same basis from another algorithm: the SVD of the symmetrised matrix (a covariance is positive
+    semi-definite, so its singular vectors are eigenvectors), reordered to ascending; where that fails
+    too, an error naming the covariance."""
     c = c.double()
     try:
         return torch.linalg.eigh(c)[1]
-    except torch.linalg.LinAlgError:
-        eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
-        scale = c.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)[..., None, None]
+    except torch.linalg.LinAlgError as first:
+        log.warning("eigh did not converge for the %s (%s); using the SVD instead", what, first)
         try:
-            return torch.linalg.eigh(c + 1e-12 * scale * eye)[1]
+            u = torch.linalg.svd((c + c.transpose(-1, -2)) / 2)[0]
+            return u.flip(-1)
         except torch.linalg.LinAlgError as e:
             raise FloatingPointError(
-                f"the eigendecomposition of the {what} did not converge ({e}); the covariance is badly "
-                f"conditioned: fit on more (or more varied) data, in float32/float64 rather than half "
-                f"precision, or leave this module out (modules='mlp' or module_tags)") from e
+                f"the eigendecomposition of the {what} did not converge ({e}); its values are too extreme "
+                f"to decompose: fit in float32 or float64 rather than half precision, check the checkpoint "
+                f"for huge weights, or leave the module out (name the modules to analyse in module_tags)") from e
 
 
 def lambda_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, basis: Eigenbasis,
@@ -393,6 +421,7 @@ def lambda_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, bas
     """
     if len(encoded) == 0:
         raise ValueError("cannot fit EK-FAC factors on an empty data set")
+    truncated = encoded.n_truncated
     encoded = _limit(encoded, settings.max_examples)
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -418,7 +447,7 @@ def lambda_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, bas
             prog.step(len(batch.index), batch.n_tokens)
     if cache is not None:  # spent: a later pass recomputes from the start
         cache.batches, cache.state = [], None
-    return LambdaSums(lam, len(encoded))
+    return LambdaSums(lam, len(encoded), truncated)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -554,6 +583,11 @@ class Factors:
         manifest = json.loads(mpath.read_text())
         if manifest.get("format") != FACTORS_FORMAT:
             raise ValueError(f"{mpath}: unknown factors format {manifest.get('format')!r}")
+        if expect_fingerprint is not None and manifest.get("fingerprint_version", 1) != FINGERPRINT_VERSION:
+            raise ValueError(
+                f"factors in {directory} were written by an older msif, whose model fingerprint (version "
+                f"{manifest.get('fingerprint_version', 1)}) cannot be checked against this one (version "
+                f"{FINGERPRINT_VERSION}); refit them (the model itself may be unchanged)")
         if expect_fingerprint is not None and manifest.get("fingerprint") != expect_fingerprint:
             raise ValueError(
                 f"factors in {directory} were fitted on another model (fingerprint "
@@ -573,9 +607,11 @@ def finalize(model: nn.Module, specs: list[ModuleSpec], basis: Eigenbasis, lam: 
 
     manifest = {
         "fingerprint": fingerprint(model, specs),
+        "fingerprint_version": FINGERPRINT_VERSION,
         "model_class": type(model).__name__,
         "tokens": basis.tokens,
         "sequences": lam.sequences,
+        "truncated": lam.truncated,
         "settings": asdict(settings),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

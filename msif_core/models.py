@@ -320,8 +320,9 @@ def _in_layer_stack(name: str) -> bool:
 
 def check_compatible(pt_specs: list[ModuleSpec], ft_specs: list[ModuleSpec]) -> list[str]:
     """Names of modules present in both models; raise naming the first shape mismatch, or the first
-    backbone-layer module found in one model only (a different number of layers). Modules outside the
-    layer stack found in one model only (a replaced head tagged by the user) are left out."""
+    backbone-layer module found in one model only (a different number of layers). Other modules found
+    in one model only (outside the numbered layer stack: SPEC's "blocks present in only one model") are
+    left out."""
     ft = {s.name: s for s in ft_specs}
     pt_names = {s.name for s in pt_specs}
     for which, specs, other in (("pre-trained", pt_specs, ft), ("fine-tuned", ft_specs, pt_names)):
@@ -360,5 +361,5 @@ def fingerprint(model: nn.Module, specs: list[ModuleSpec]) -> str:
                          "blocks": [s.to_json() for s in specs]}, sort_keys=True).encode())
     for name, t in model.named_parameters():
         h.update(f"{name}:{tuple(t.shape)}".encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy())  # float32: the same for any load dtype
     return "sha256:" + h.hexdigest()

@@ -11,6 +11,8 @@ import pytest
 
 from dagster_project.config import ALL_METHODS, ConfigError, load_config, resolve_corpus_files
 
+PINNED_FACTOR_DIGEST = "19cfaf6eec9b14c4"  # default [factors], computed with the code of commit 6af6cb0
+
 MINIMAL = """
 [lakehouse]
 root = "out"
@@ -100,6 +102,7 @@ query_rank = 4
     ("[scores]\ncandidates = 0\n", ["candidates", ">= 1"]),
     ("[factors.module_tags]\n\"a.b\" = \"attention\"\n", ["[factors] module_tags", "\"mlp\" | \"mha\""]),
     ("[factors]\nmodule_tags = [\"a.b\"]\n", ["[factors] module_tags", "a table"]),
+    ("[factors.module_tags]\nmodel.layers.0.fc1 = \"mlp\"\n", ["[factors] module_tags", "quote each module name"]),
 ])
 def test_bad_values_are_clear_errors(world: Path, extra: str, words: list[str]) -> None:
     path = write(world, extra)
@@ -130,6 +133,13 @@ def test_module_tags(world: Path) -> None:
     a, b = code_versions(plain, "e"), code_versions(tagged, "e")
     assert a["pretrain_factors"] != b["pretrain_factors"] and a["query_ihvps"] != b["query_ihvps"]
     assert a["corpus_shards"] == b["corpus_shards"]
+    # the digests of the default factor settings, as before module_tags existed (commit 6af6cb0)
+    old_factor_settings = ("factors.fisher", "factors.attention_blocks", "factors.modules", "factors.max_examples",
+                           "factors.max_length", "factors.batch_size")
+    assert plain.digest(*old_factor_settings, "factors.module_tags") == plain.digest(*old_factor_settings) \
+        == PINNED_FACTOR_DIGEST
+    with pytest.raises(KeyError, match="shard_sise"):
+        plain.digest("shard_sise")
 
 
 def test_missing_required_key(world: Path) -> None:

@@ -20,7 +20,18 @@ from core_helpers import (
 from msif_core import ekfac as ekfac_module
 from msif_core.api import AttributionSettings, load_stages
 from msif_core.data import Encoded, encode_classification, encode_documents, encode_pairs
-from msif_core.ekfac import CovarianceSums, Factors, FitSettings, covariance_sums, eigenbasis, fit_ekfac
+from msif_core.ekfac import (
+    CovarianceSums,
+    Factors,
+    FitSettings,
+    LambdaSums,
+    covariance_sums,
+    eigenbasis,
+    finalize,
+    fit_ekfac,
+    lambda_sums,
+    merge_all,
+)
 from msif_core.models import check_compatible, discover_modules, fingerprint, load_model
 from msif_core.query import QueryIHVPs, measurement_gradients, query_ihvps
 from msif_core.scoring import score_documents
@@ -128,7 +139,7 @@ def test_empty_data_sets(small):
     assert (len(enc), enc.n_dropped, enc.kept) == (1, 2, [2])
 
 
-def test_documents_longer_than_max_length_are_truncated_and_counted(small, caplog):
+def test_documents_longer_than_max_length_are_truncated_and_counted(small, caplog, tmp_path):
     tok = CharTokenizer()
     texts = ["abcdefghijkl", "abc", "abcdefghi"]
     with caplog.at_level(logging.WARNING, logger="msif_core.data"):
@@ -139,6 +150,14 @@ def test_documents_longer_than_max_length_are_truncated_and_counted(small, caplo
     model, specs, _ = small
     f = fit_ekfac(model, specs, enc, FitSettings(fisher="empirical"), PAD)
     assert f.manifest["truncated"] == 2 and f.manifest["tokens"] == 19
+    # the sharded fit (the pipeline's map/reduce) carries the count through its Λ sums files
+    settings = FitSettings(fisher="empirical")
+    basis = eigenbasis(covariance_sums(model, specs, enc, settings, PAD), specs)
+    part = lambda_sums(model, specs, enc, basis, settings, PAD)
+    part.save(tmp_path / "lam.safetensors")
+    back = LambdaSums.load(tmp_path / "lam.safetensors")
+    assert (part.truncated, back.truncated) == (2, 2)
+    assert finalize(model, specs, basis, merge_all([back, part]), settings).manifest["truncated"] == 4
     # a too-long pair keeps its whole completion (up to max_length - 1) and the end of its prompt
     pairs = encode_pairs(tok, ["abcdefgh", "ab"], ["xyz", "klmnopqrstuv"], max_length=6)
     assert pairs.n_truncated == 2
@@ -179,34 +198,30 @@ def test_non_finite_covariances_name_the_block(small):
         eigenbasis(CovarianceSums(sums.a, sums.s, 0, 0))
 
 
-def test_an_eigendecomposition_that_does_not_converge_is_retried_then_named(small, monkeypatch):
+def test_an_eigendecomposition_that_does_not_converge_falls_back_then_is_named(small, monkeypatch, caplog):
     model, specs, _ = small
     sums = covariance_sums(model, specs, random_docs(3, 3, 5, seed=3), FitSettings(fisher="empirical"), PAD)
-    ref = eigenbasis(sums, specs)
     real = torch.linalg.eigh
-    calls = {"n": 0}
 
-    def flaky(x, *args, **kw):  # the first call fails, as LAPACK does on a badly conditioned matrix
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise torch.linalg.LinAlgError("failed to converge")
-        return real(x, *args, **kw)
-
-    monkeypatch.setattr(torch.linalg, "eigh", flaky)
-    retried = eigenbasis(sums, specs)
-    name = specs[0].name
-    # a shift by a multiple of the identity has the same eigenvectors: they still diagonalise A
-    a = sums.a[name] / sums.tokens
-    rot = retried.q_a[name].T @ a @ retried.q_a[name]
-    assert_scaled_close(rot, torch.diag(rot.diagonal()), "Q_Aᵀ A Q_A after the retry", tol=1e-10)
-    assert_scaled_close(rot.diagonal().sort().values, torch.linalg.eigvalsh(a), "eigenvalues", tol=1e-10)
-    assert retried.q_a.keys() == ref.q_a.keys()
-
-    def broken(x, *args, **kw):
+    def broken(x, *args, **kw):  # as LAPACK's eigh can fail on an extreme matrix
         raise torch.linalg.LinAlgError("failed to converge")
 
     monkeypatch.setattr(torch.linalg, "eigh", broken)
-    with pytest.raises(FloatingPointError, match=f"activation covariance A of module {name} did not converge"):
+    with caplog.at_level(logging.WARNING, logger="msif_core.ekfac"):
+        fallback = eigenbasis(sums, specs)
+    assert "using the SVD instead" in caplog.text
+    monkeypatch.setattr(torch.linalg, "eigh", real)
+    for s in specs:  # the SVD's basis diagonalises each covariance, eigenvalues ascending like eigh's
+        for name, c, q in (("A", sums.a[s.name][None], fallback.q_a[s.name][None]),
+                           ("S", sums.s[s.name], fallback.q_s[s.name])):
+            rot = q.transpose(-1, -2) @ (c / sums.tokens) @ q
+            diag = rot.diagonal(dim1=-2, dim2=-1)
+            assert_scaled_close(rot, torch.diag_embed(diag), f"Qᵀ {name} Q of {s.name}", tol=1e-10)
+            assert_scaled_close(diag, torch.linalg.eigvalsh(c / sums.tokens), f"eigenvalues of {name}", tol=1e-10)
+    monkeypatch.setattr(torch.linalg, "eigh", broken)
+    monkeypatch.setattr(torch.linalg, "svd", broken)
+    with pytest.raises(FloatingPointError, match=f"activation covariance A of module {specs[0].name} did not "
+                                                 "converge.*module_tags"):
         eigenbasis(sums, specs)
 
 
@@ -244,6 +259,11 @@ def test_factors_of_another_model_are_refused(tmp_path, small):
     with pytest.raises(FileNotFoundError, match="holds no EK-FAC factors"):
         Factors.load(tmp_path / "nothing")
     man = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    # factors from before the fingerprint covered every weight: refused as such, not as "another model"
+    (tmp_path / "f" / "manifest.json").write_text(json.dumps({k: v for k, v in man.items()
+                                                              if k != "fingerprint_version"}))
+    with pytest.raises(ValueError, match="written by an older msif.*version 1.*may be unchanged"):
+        Factors.load(tmp_path / "f", expect_fingerprint=fingerprint(model, specs))
     (tmp_path / "f" / "manifest.json").write_text(json.dumps(man | {"format": "other"}))
     with pytest.raises(ValueError, match="unknown factors format"):
         Factors.load(tmp_path / "f")

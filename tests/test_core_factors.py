@@ -203,7 +203,7 @@ def test_lambda_pass_is_the_same_cached_partly_cached_or_recomputed(models, docs
                                 tol=1e-12)
 
 
-def test_pass_cache_budget_is_explicit_or_a_share_of_available_memory(monkeypatch):
+def test_pass_cache_budget_is_explicit_or_a_share_of_available_memory(monkeypatch, tmp_path):
     """cache_mib in MiB when given; by default a quarter of the device's available memory, capped at
     16 GiB, 1 GiB where unknown; a negative budget is refused."""
     import msif_core.ekfac as ek
@@ -215,6 +215,15 @@ def test_pass_cache_budget_is_explicit_or_a_share_of_available_memory(monkeypatc
         ek.cache_budget(FitSettings(cache_mib=-1), cpu)
     avail = ek.available_memory(cpu)
     assert avail is not None and avail > 2**20, "MemAvailable of this Linux machine should be readable"
+    # a container's limit bounds what /proc/meminfo (the host's) says; v2 "max" and v1's huge number: none
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    usage.write_text(str(2**30) + "\n")
+    monkeypatch.setattr(ek, "CGROUP_MEMORY_FILES", ((str(limit), str(usage)),))
+    for text, headroom in (("3221225472\n", 2 * 2**30), ("max\n", None), (str(2**62), None)):
+        limit.write_text(text)
+        assert ek._cgroup_headroom() == headroom
+    limit.write_text(str(avail // 2 + 2**30))
+    assert abs(ek.available_memory(cpu) - avail // 2) < 2**28  # the headroom, not the host's figure
     monkeypatch.setattr(ek, "available_memory", lambda device: 8 * 2**30)
     assert ek.cache_budget(FitSettings(), cpu) == 2 * 2**30
     monkeypatch.setattr(ek, "available_memory", lambda device: 200 * 2**30)

@@ -408,9 +408,12 @@ def test_attribute_end_to_end(tmp_path, device):
         pz = explicit_precondition(pt_f, n, stack(gz_pt, n), 1e-2)
         want["ms_if"] = want["ms_if"] + torch.einsum("npd,qpd->nq", pz, pm).numpy()
     # each empty input is named, with the fix
-    for args, what in (((documents, finetuning, []), "queries: nothing to attribute"),
-                       ((documents, [], qs), "finetuning: no usable example"),
-                       (([], finetuning, qs), "documents: nothing to score")):
+    for args, what in (((documents, finetuning, []), "queries is empty"),
+                       ((documents, [], qs), "finetuning is empty.*methods=\\('gdp',\\)"),
+                       (([], finetuning, qs), "documents is empty"),
+                       (([("d0", "w5")], finetuning, qs), "documents: none of the 1 has the 2 tokens"),
+                       ((documents, finetuning, [("q0", "w5", "")]), "queries: none of the 1 has a completion"),
+                       ((documents, [("w5", "")], qs), "finetuning: none of the 1 pairs")):
         with pytest.raises(ValueError, match=what):
             attribute(tmp_path / "pt", tmp_path / "ft", *args, settings, device=device)
     gdp_only = AttributionSettings(batch_size=3, max_length=16, methods=("gdp",))

@@ -84,6 +84,22 @@ def test_checkpoint_without_tokenizer_loads_without_inventing_one(tmp_path, capl
     assert "no tokenizer" in caplog.text
 
 
+def test_safetensors_are_preferred_and_remote_code_never_runs(tmp_path):
+    model = tiny_model("gpt_neox").float()
+    model.save_pretrained(tmp_path / "m")
+    torch.save({k: v + 1.0 for k, v in model.state_dict().items()}, tmp_path / "m" / "pytorch_model.bin")
+    key = "gpt_neox.layers.0.mlp.dense_h_to_4h.weight"
+    loaded = load_model(tmp_path / "m", dtype=torch.float32)
+    assert torch.equal(loaded.model.state_dict()[key], model.state_dict()[key])  # not the .bin's weights
+    # a checkpoint that asks for its own code: the code is never imported, the known architecture loads
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "m" / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('remote code ran')\n")
+    assert type(load_model(tmp_path / "m", dtype=torch.float32).model).__name__ == "GPTNeoXForCausalLM"
+    assert not (tmp_path / "ran").exists()
+
+
 # --------------------------------------------------------------------------- incompatible models
 
 @pytest.mark.parametrize("change, first", [

@@ -152,13 +152,26 @@ def forward_backward(model: nn.Module, specs: list[ModuleSpec], batch: Batch, fi
     padded = not bool(batch.attention_mask.all())
     a: dict[str, torch.Tensor] = {}
     ds: dict[str, torch.Tensor] = {}
+    b, t = batch.input_ids.shape
     for s, g in zip(specs, grads):
-        x = inputs[s.name]
+        x = _per_token(inputs[s.name], b, t, s.name)
+        if g is not None:
+            g = _per_token(g, b, t, s.name)
         if s.has_bias:  # [a, 1] on real tokens, zeros on padding
             xb = torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)  # one contiguous copy
             a[s.name] = xb.mul_(keep) if padded else xb
         else:
             a[s.name] = x * keep if padded else x
-        ds[s.name] = torch.zeros_like(outputs[s.name]) if g is None else g.detach()
+        ds[s.name] = x.new_zeros(b, t, s.out_features) if g is None else g.detach()
     return Captured(a, ds, loss.detach(), per_seq.detach())
+
+
+def _per_token(x: torch.Tensor, b: int, t: int, name: str) -> torch.Tensor:
+    """``x`` as [B, T, width]: some models (OPT's MLP) flatten the tokens to [B·T, width] first."""
+    if x.dim() == 3 and x.shape[:2] == (b, t):
+        return x
+    if x.shape[:-1].numel() == b * t:
+        return x.reshape(b, t, x.shape[-1])
+    raise ValueError(f"module {name} sees tensors of shape {tuple(x.shape)} for a batch of {b} x {t} tokens; "
+                     f"only projections applied to every token can be analysed: leave it out of module_tags")
 

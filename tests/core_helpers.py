@@ -28,6 +28,10 @@ PAD = 0
 # the last real token of a right-padded row
 FIRST_TOKEN = 3
 ARCHS = ("gpt_neox", "bloom", "gpt2", "llama")
+# an architecture msif does not discover, analysed through module_tags (its MLP flattens the tokens)
+OPT_TAGS = {f"model.decoder.layers.{i}.{n}": k for i in range(2) for n, k in (
+    ("self_attn.q_proj", "mha"), ("self_attn.k_proj", "mha"), ("self_attn.v_proj", "mha"),
+    ("self_attn.out_proj", "mha"), ("fc1", "mlp"), ("fc2", "mlp"))}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,6 +67,12 @@ def tiny_config(arch: str, **overrides):
     elif arch == "gpt2":
         kw = dict(n_embd=16, n_layer=2, n_head=2, n_positions=64, n_inner=32, initializer_range=0.1)
         cls = GPT2Config
+    elif arch == "opt":  # not discovered: analysed through module_tags; its MLP sees tokens flattened [B·T, d]
+        from transformers import OPTConfig
+
+        kw = dict(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+                  word_embed_proj_dim=16, init_std=0.1)
+        cls = OPTConfig
     elif arch == "llama":
         kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.1,
@@ -236,7 +246,7 @@ class BruteRun:
             handles = []
             for s in specs:
                 def hook(mod, args, out, s=s, acts=acts, outs=outs):
-                    x = args[0].detach()[0]  # [T, in]
+                    x = args[0].detach().reshape(-1, args[0].shape[-1])  # [T, in] ([1, T, in], or OPT's [T, in])
                     if s.has_bias:
                         x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
                     acts[s.name] = x
@@ -253,7 +263,7 @@ class BruteRun:
             grads = {}
             for s in specs:
                 a = acts[s.name].cpu()
-                ds = outs[s.name].grad[0].cpu()  # [T, P]
+                ds = outs[s.name].grad.reshape(-1, s.out_features).cpu()  # [T, P]
                 dw = block_matrix(model, s, grad=True).detach().cpu().clone()
                 # the captured a_t, ds_t are aligned with each other and with autograd's weight gradient
                 torch.testing.assert_close(ds.t() @ a, dw, rtol=1e-10, atol=1e-12)

@@ -300,3 +300,13 @@ def test_projections_discovery_does_not_know_are_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="msif_core.models"):
         discover_modules(opt, module_tags={"model.decoder.layers.0.fc1": "mlp"})  # the user chose: no warning
     assert "not analysed" not in caplog.text
+
+
+def test_captures_fold_flattened_tokens_back_and_refuse_other_shapes():
+    from msif_core.gradients import _per_token
+
+    x = torch.arange(2 * 3 * 4, dtype=torch.float64).reshape(2, 3, 4)
+    assert _per_token(x, 2, 3, "m") is x
+    assert torch.equal(_per_token(x.reshape(6, 4), 2, 3, "m"), x)  # row-major over (sequence, position)
+    with pytest.raises(ValueError, match="module head sees tensors of shape \\(2, 4\\).*leave it out of module_tags"):
+        _per_token(x[:, 0], 2, 3, "head")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from core_helpers import (
     ARCHS,
+    OPT_TAGS,
     PAD,
     BruteRun,
     assert_eigenbasis,
@@ -95,6 +96,21 @@ def test_user_tagged_modules_match_brute_force(models):
     assert [s.kind for s in discover_modules(model, modules="mlp", module_tags=tags)] == ["mlp", "mlp"]
     bf = BruteRun(model, specs, loss_closures(model, PAIRS))
     _check_factors(model, specs, PAIRS, FitSettings(fisher="empirical", batch_size=BATCH), bf, bf)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_modules_that_see_flattened_tokens_match_brute_force(fisher):
+    """OPT, through module_tags: its MLP runs on the tokens flattened to [B·T, d] (padding included), which
+    the capture folds back to [B, T, d]; the factors equal the per-sequence brute force."""
+    model = tiny_model("opt", seed=2)
+    specs = discover_modules(model, module_tags=OPT_TAGS)
+    settings = FitSettings(fisher=fisher, batch_size=BATCH, seed=5)
+    if fisher == "true":
+        targets = sampled_targets(model, PAIRS, BATCH, settings.generator())
+        bf = BruteRun(model, specs, loss_closures(model, PAIRS, targets))
+    else:
+        bf = BruteRun(model, specs, loss_closures(model, PAIRS))
+    _check_factors(model, specs, PAIRS, settings, bf, bf)
 
 
 def test_factors_without_bias_columns_match_brute_force():

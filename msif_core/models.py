@@ -8,7 +8,7 @@ projections are split into one block per (head, role) that all share the module'
 
 - interleaved per head (GPT-NeoX, BLOOM ``query_key_value``): rows ``[h0: q k v | h1: q k v | ...]``;
 - role-major (GPT-2 ``c_attn``): rows ``[q: h0 h1 ... | k: ... | v: ...]``;
-- separate projections (Llama ``q_proj``/``k_proj``/``v_proj``, k and v possibly with fewer heads).
+- separate projections (Llama, OPT ``q_proj``/``k_proj``/``v_proj``, k and v possibly with fewer heads).
 """
 
 from __future__ import annotations
@@ -105,6 +105,10 @@ _KNOWN: dict[str, tuple[str, str, str]] = {
     "attn.c_proj": ("mha", "o", ""),
     "mlp.c_fc": ("mlp", "in", ""),
     "mlp.c_proj": ("mlp", "out", ""),
+    # OPT (q/k/v as Llama's; its MLP runs on the tokens flattened to [B·T, d])
+    "self_attn.out_proj": ("mha", "o", ""),
+    "fc1": ("mlp", "in", ""),
+    "fc2": ("mlp", "out", ""),
     # Llama, Mistral, Qwen2 and friends
     "self_attn.q_proj": ("mha", "q", "separate"),
     "self_attn.k_proj": ("mha", "k", "separate"),

@@ -27,8 +27,8 @@ PAD = 0
 # real tokens are drawn from [FIRST_TOKEN, VOCAB): never the pad id, so a classification head can find
 # the last real token of a right-padded row
 FIRST_TOKEN = 3
-ARCHS = ("gpt_neox", "bloom", "gpt2", "llama")
-# an architecture msif does not discover, analysed through module_tags (its MLP flattens the tokens)
+ARCHS = ("gpt_neox", "bloom", "gpt2", "llama", "opt")
+# OPT's modules named by hand, as for an architecture msif does not discover (its MLP flattens the tokens)
 OPT_TAGS = {f"model.decoder.layers.{i}.{n}": k for i in range(2) for n, k in (
     ("self_attn.q_proj", "mha"), ("self_attn.k_proj", "mha"), ("self_attn.v_proj", "mha"),
     ("self_attn.out_proj", "mha"), ("fc1", "mlp"), ("fc2", "mlp"))}
@@ -67,7 +67,7 @@ def tiny_config(arch: str, **overrides):
     elif arch == "gpt2":
         kw = dict(n_embd=16, n_layer=2, n_head=2, n_positions=64, n_inner=32, initializer_range=0.1)
         cls = GPT2Config
-    elif arch == "opt":  # not discovered: analysed through module_tags; its MLP sees tokens flattened [B·T, d]
+    elif arch == "opt":  # its MLP sees the tokens flattened to [B·T, d]
         from transformers import OPTConfig
 
         kw = dict(hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,

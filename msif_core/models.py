@@ -8,6 +8,8 @@ projections are split into one block per (head, role) that all share the module'
 
 - interleaved per head (GPT-NeoX, BLOOM ``query_key_value``): rows ``[h0: q k v | h1: q k v | ...]``;
 - role-major (GPT-2 ``c_attn``): rows ``[q: h0 h1 ... | k: ... | v: ...]``;
+- grouped per key/value head (Falcon ``query_key_value``): rows ``[g0: q.. k v | g1: q.. k v | ...]``
+  (one group for multi-query Falcon-7B, one per head for the original layout);
 - separate projections (Llama, OPT ``q_proj``/``k_proj``/``v_proj``, k and v possibly with fewer heads).
 """
 
@@ -135,6 +137,8 @@ def _heads(config) -> tuple[int, int, int]:
     if n_heads is None:
         raise ValueError(f"cannot find the number of attention heads in {type(config).__name__}")
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    if getattr(config, "model_type", "") == "falcon":  # its own names for the key/value heads
+        n_kv = config.num_kv_heads if config.new_decoder_architecture or not config.multi_query else 1
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     head_size = getattr(config, "head_dim", None) or hidden // n_heads
     return int(n_heads), int(n_kv), int(head_size)
@@ -155,6 +159,18 @@ def _split(name: str, kind: str, role: str, layout: str, out_features: int, conf
             for r, rn in enumerate("qkv"):
                 s = (3 * h + r) * hs
                 blocks.append(Block(f"{name}[h{h}.{rn}]", name, kind, rn, h, s, s + hs))
+    elif layout == "grouped":  # Falcon: per key/value head g, [q of its n/n_kv query heads | k_g | v_g]
+        group = n_heads // n_kv
+        if out_features != (n_heads + 2 * n_kv) * hs:
+            raise ValueError(f"{name}: {out_features} outputs, expected ({n_heads} + 2 x {n_kv}) heads x {hs}")
+        for g in range(n_kv):
+            base = g * (group + 2) * hs
+            for i in range(group):
+                s = base + i * hs
+                blocks.append(Block(f"{name}[h{g * group + i}.q]", name, kind, "q", g * group + i, s, s + hs))
+            for r, rn in ((group, "k"), (group + 1, "v")):
+                s = base + r * hs
+                blocks.append(Block(f"{name}[h{g}.{rn}]", name, kind, rn, g, s, s + hs))
     elif layout == "role_major":  # [q: h0 h1 ... | k: ... | v: ...]
         if out_features != 3 * n_heads * hs:
             raise ValueError(f"{name}: {out_features} outputs, expected 3 x {n_heads} heads x {hs}")
@@ -210,6 +226,8 @@ def discover_modules(model: nn.Module, attention_blocks: str = "per_head", modul
         if match is None:
             continue
         kind, role, qkv_layout = match
+        if qkv_layout == "interleaved" and getattr(config, "model_type", "") == "falcon":
+            qkv_layout = "grouped"  # named like BLOOM's, laid out per key/value group
         if modules == "mlp" and kind != "mlp":
             continue
         layout, d_in, d_out = _layout_of(mod)

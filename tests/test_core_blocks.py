@@ -24,7 +24,7 @@ from msif_core.ekfac import Factors, FitSettings, _per_sequence_branch, fit_ekfa
 from msif_core.models import block_matrix, discover_blocks, discover_modules
 
 # (query heads, key/value heads) of the tiny models
-HEADS = {"gpt_neox": (2, 2), "bloom": (2, 2), "gpt2": (2, 2), "llama": (2, 1), "opt": (2, 2)}
+HEADS = {"gpt_neox": (2, 2), "bloom": (2, 2), "gpt2": (2, 2), "llama": (2, 1), "opt": (2, 2), "falcon": (2, 1)}
 QKV_ROLES = ("q", "k", "v")
 
 
@@ -98,7 +98,20 @@ class _Capture:
 
     def __init__(self, model, arch):
         self.states: list[dict[str, torch.Tensor]] = []
-        if arch == "bloom":  # BLOOM splits its fused projection in `_reshape`
+        if arch == "falcon":  # Falcon splits its fused projection in `_split_heads` ([B, T, heads, size])
+            for layer in model.transformer.h:
+                attn = layer.self_attention
+                orig = attn._split_heads
+                group = attn.num_heads // attn.num_kv_heads if attn.new_decoder_architecture else 1
+
+                def split(fused, orig=orig, group=group):
+                    q, k, v = (x.transpose(1, 2) for x in orig(fused))
+                    # the new layout broadcasts each key/value head over its group: keep one of each
+                    self.states.append({"q": q.detach().clone(), "k": k[:, ::group].detach().clone(),
+                                        "v": v[:, ::group].detach().clone()})
+                    return orig(fused)
+                attn._split_heads = split
+        elif arch == "bloom":  # BLOOM splits its fused projection in `_reshape`
             for layer in model.transformer.h:
                 attn = layer.self_attention
                 orig = attn._reshape
@@ -142,12 +155,25 @@ def _perturb_rows(model, spec, block, scale=0.5, seed=0):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_per_head_partition_matches_the_attention_layout(arch):
     """Perturbing block (head h, role r) changes that head's r-states in its layer, and nothing else there."""
-    model = tiny_model(arch, seed=3)
+    _check_partition(tiny_model(arch, seed=3), arch, *HEADS[arch])
+
+
+@pytest.mark.parametrize("overrides, heads", [
+    (dict(new_decoder_architecture=False, multi_query=True, num_attention_heads=4), (4, 1)),  # Falcon-7B
+    (dict(new_decoder_architecture=False, multi_query=False, num_kv_heads=2), (2, 2)),  # the original layout
+    (dict(num_attention_heads=4, num_kv_heads=2), (4, 2)),  # Falcon-40B, two groups
+], ids=["multi_query", "original", "two_groups"])
+def test_per_head_partition_of_every_falcon_layout(overrides, heads):
+    model = tiny_model("falcon", seed=3, **overrides)
+    assert len(discover_modules(model)[0].blocks) == heads[0] + 2 * heads[1]
+    _check_partition(model, "falcon", *heads)
+
+
+def _check_partition(model, arch: str, n_q: int, n_kv: int) -> None:
     cap = _Capture(model, arch)
     x = torch.randint(3, 37, (2, 6))
     base = cap.run(model, x)
     assert len(base) == 2
-    n_q, n_kv = HEADS[arch]
     assert base[0]["q"].shape[1] == n_q and base[0]["k"].shape[1] == n_kv and base[0]["v"].shape[1] == n_kv
     checked = 0
     for spec in discover_modules(model):

@@ -8,8 +8,8 @@ projections are split into one block per (head, role) that all share the module'
 
 - interleaved per head (GPT-NeoX, BLOOM ``query_key_value``): rows ``[h0: q k v | h1: q k v | ...]``;
 - role-major (GPT-2 ``c_attn``): rows ``[q: h0 h1 ... | k: ... | v: ...]``;
-- grouped per key/value head (Falcon ``query_key_value``): rows ``[g0: q.. k v | g1: q.. k v | ...]``
-  (one group for multi-query Falcon-7B, one per head for the original layout);
+- grouped per key/value head (Falcon ``query_key_value``, GPTBigCode/StarCoder ``c_attn``): rows
+  ``[g0: q.. k v | g1: q.. k v | ...]`` (one group for multi-query models, one per head otherwise);
 - separate projections (Llama, OPT ``q_proj``/``k_proj``/``v_proj``, k and v possibly with fewer heads).
 """
 
@@ -139,6 +139,8 @@ def _heads(config) -> tuple[int, int, int]:
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     if getattr(config, "model_type", "") == "falcon":  # its own names for the key/value heads
         n_kv = config.num_kv_heads if config.new_decoder_architecture or not config.multi_query else 1
+    if getattr(config, "model_type", "") == "gpt_bigcode":
+        n_kv = 1 if config.multi_query else n_heads
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     head_size = getattr(config, "head_dim", None) or hidden // n_heads
     return int(n_heads), int(n_kv), int(head_size)
@@ -226,8 +228,9 @@ def discover_modules(model: nn.Module, attention_blocks: str = "per_head", modul
         if match is None:
             continue
         kind, role, qkv_layout = match
-        if qkv_layout == "interleaved" and getattr(config, "model_type", "") == "falcon":
-            qkv_layout = "grouped"  # named like BLOOM's, laid out per key/value group
+        model_type = getattr(config, "model_type", "")
+        if (qkv_layout, model_type) in (("interleaved", "falcon"), ("role_major", "gpt_bigcode")):
+            qkv_layout = "grouped"  # named like BLOOM's / GPT-2's, laid out per key/value group
         if modules == "mlp" and kind != "mlp":
             continue
         layout, d_in, d_out = _layout_of(mod)

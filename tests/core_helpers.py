@@ -27,7 +27,7 @@ PAD = 0
 # real tokens are drawn from [FIRST_TOKEN, VOCAB): never the pad id, so a classification head can find
 # the last real token of a right-padded row
 FIRST_TOKEN = 3
-ARCHS = ("gpt_neox", "bloom", "gpt2", "llama", "opt", "falcon")
+ARCHS = ("gpt_neox", "bloom", "gpt2", "llama", "opt", "falcon", "gpt_bigcode")
 # OPT's modules named by hand, as for an architecture msif does not discover (its MLP flattens the tokens)
 OPT_TAGS = {f"model.decoder.layers.{i}.{n}": k for i in range(2) for n, k in (
     ("self_attn.q_proj", "mha"), ("self_attn.k_proj", "mha"), ("self_attn.v_proj", "mha"),
@@ -79,6 +79,12 @@ def tiny_config(arch: str, **overrides):
         kw = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_kv_heads=1,
                   new_decoder_architecture=True, bias=True, max_position_embeddings=64, initializer_range=0.1)
         cls = FalconConfig
+    elif arch == "gpt_bigcode":  # StarCoder: GPT-2's names, multi-query attention
+        from transformers import GPTBigCodeConfig
+
+        kw = dict(n_embd=16, n_layer=2, n_head=2, n_positions=64, n_inner=32, multi_query=True,
+                  initializer_range=0.1)
+        cls = GPTBigCodeConfig
     elif arch == "llama":
         kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.1,

@@ -24,7 +24,8 @@ from msif_core.ekfac import Factors, FitSettings, _per_sequence_branch, fit_ekfa
 from msif_core.models import block_matrix, discover_blocks, discover_modules
 
 # (query heads, key/value heads) of the tiny models
-HEADS = {"gpt_neox": (2, 2), "bloom": (2, 2), "gpt2": (2, 2), "llama": (2, 1), "opt": (2, 2), "falcon": (2, 1)}
+HEADS = {"gpt_neox": (2, 2), "bloom": (2, 2), "gpt2": (2, 2), "llama": (2, 1), "opt": (2, 2), "falcon": (2, 1),
+         "gpt_bigcode": (2, 1)}
 QKV_ROLES = ("q", "k", "v")
 
 
@@ -167,6 +168,12 @@ def test_per_head_partition_of_every_falcon_layout(overrides, heads):
     model = tiny_model("falcon", seed=3, **overrides)
     assert len(discover_modules(model)[0].blocks) == heads[0] + 2 * heads[1]
     _check_partition(model, "falcon", *heads)
+
+
+def test_per_head_partition_of_gpt_bigcode_without_multi_query():
+    """GPTBigCode shares GPT-2's names; without multi-query its c_attn interleaves q, k, v per head."""
+    model = tiny_model("gpt_bigcode", seed=3, multi_query=False)
+    _check_partition(model, "gpt_bigcode", 2, 2)
 
 
 def _check_partition(model, arch: str, n_q: int, n_kv: int) -> None:

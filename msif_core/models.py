@@ -7,10 +7,11 @@ projections are split into one block per (head, role) that all share the module'
 (SPEC section 2). The row ranges follow each architecture's real layout:
 
 - interleaved per head (GPT-NeoX, BLOOM ``query_key_value``): rows ``[h0: q k v | h1: q k v | ...]``;
-- role-major (GPT-2 ``c_attn``): rows ``[q: h0 h1 ... | k: ... | v: ...]``;
+- role-major (GPT-2 ``c_attn``, Phi-3 ``qkv_proj`` with fewer key/value heads): rows
+  ``[q: h0 h1 ... | k: ... | v: ...]``;
 - grouped per key/value head (Falcon ``query_key_value``, GPTBigCode/StarCoder ``c_attn``): rows
   ``[g0: q.. k v | g1: q.. k v | ...]`` (one group for multi-query models, one per head otherwise);
-- separate projections (Llama, OPT ``q_proj``/``k_proj``/``v_proj``, k and v possibly with fewer heads).
+- separate projections (Llama, OPT, Phi ``q_proj``/``k_proj``/``v_proj``, k and v possibly with fewer heads).
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ _KNOWN: dict[str, tuple[str, str, str]] = {
     "self_attn.out_proj": ("mha", "o", ""),
     "fc1": ("mlp", "in", ""),
     "fc2": ("mlp", "out", ""),
+    # Phi (q/k/v as Llama's) and Phi-3 (fused role-major q/k/v with grouped-query heads, fused gate/up)
+    "self_attn.dense": ("mha", "o", ""),
+    "self_attn.qkv_proj": ("mha", "qkv", "role_major"),
+    "mlp.gate_up_proj": ("mlp", "gate_up", ""),
     # Llama, Mistral, Qwen2 and friends
     "self_attn.q_proj": ("mha", "q", "separate"),
     "self_attn.k_proj": ("mha", "k", "separate"),
@@ -173,14 +178,14 @@ def _split(name: str, kind: str, role: str, layout: str, out_features: int, conf
             for r, rn in ((group, "k"), (group + 1, "v")):
                 s = base + r * hs
                 blocks.append(Block(f"{name}[h{g}.{rn}]", name, kind, rn, g, s, s + hs))
-    elif layout == "role_major":  # [q: h0 h1 ... | k: ... | v: ...]
-        if out_features != 3 * n_heads * hs:
-            raise ValueError(f"{name}: {out_features} outputs, expected 3 x {n_heads} heads x {hs}")
-        for r, rn in enumerate("qkv"):
-            for h in range(n_heads):
-                s = (r * n_heads + h) * hs
-                blocks.append(Block(f"{name}[h{h}.{rn}]", name, kind, rn, h, s, s + hs))
-        blocks.sort(key=lambda b: b.row_start)
+    elif layout == "role_major":  # [q: h0 .. h(n-1) | k: h0 .. h(n_kv-1) | v: ...]
+        if out_features != (n_heads + 2 * n_kv) * hs:
+            raise ValueError(f"{name}: {out_features} outputs, expected ({n_heads} + 2 x {n_kv}) heads x {hs}")
+        start = 0
+        for rn in "qkv":
+            for h in range(n_heads if rn == "q" else n_kv):
+                blocks.append(Block(f"{name}[h{h}.{rn}]", name, kind, rn, h, start, start + hs))
+                start += hs
     elif layout == "separate":
         n = n_heads if role == "q" else n_kv
         if out_features != n * hs:

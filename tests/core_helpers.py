@@ -27,7 +27,8 @@ PAD = 0
 # real tokens are drawn from [FIRST_TOKEN, VOCAB): never the pad id, so a classification head can find
 # the last real token of a right-padded row
 FIRST_TOKEN = 3
-ARCHS = ("gpt_neox", "bloom", "gpt2", "llama", "opt", "falcon", "gpt_bigcode")
+ARCHS = ("gpt_neox", "bloom", "gpt2", "llama", "opt", "falcon", "gpt_bigcode", "phi", "phi3")
+BIASLESS = {"phi3"}  # architectures whose projections have no bias
 # OPT's modules named by hand, as for an architecture msif does not discover (its MLP flattens the tokens)
 OPT_TAGS = {f"model.decoder.layers.{i}.{n}": k for i in range(2) for n, k in (
     ("self_attn.q_proj", "mha"), ("self_attn.k_proj", "mha"), ("self_attn.v_proj", "mha"),
@@ -85,6 +86,19 @@ def tiny_config(arch: str, **overrides):
         kw = dict(n_embd=16, n_layer=2, n_head=2, n_positions=64, n_inner=32, multi_query=True,
                   initializer_range=0.1)
         cls = GPTBigCodeConfig
+    elif arch == "phi":
+        from transformers import PhiConfig
+
+        kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=64, initializer_range=0.1)
+        cls = PhiConfig
+    elif arch == "phi3":  # fused q/k/v (grouped-query) and fused gate/up, no biases
+        from transformers import Phi3Config
+
+        kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64, original_max_position_embeddings=64,
+                  initializer_range=0.1)
+        cls = Phi3Config
     elif arch == "llama":
         kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.1,

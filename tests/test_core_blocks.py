@@ -25,7 +25,7 @@ from msif_core.models import block_matrix, discover_blocks, discover_modules
 
 # (query heads, key/value heads) of the tiny models
 HEADS = {"gpt_neox": (2, 2), "bloom": (2, 2), "gpt2": (2, 2), "llama": (2, 1), "opt": (2, 2), "falcon": (2, 1),
-         "gpt_bigcode": (2, 1)}
+         "gpt_bigcode": (2, 1), "phi": (2, 2), "phi3": (2, 1)}
 QKV_ROLES = ("q", "k", "v")
 
 

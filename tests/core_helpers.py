@@ -27,8 +27,9 @@ PAD = 0
 # real tokens are drawn from [FIRST_TOKEN, VOCAB): never the pad id, so a classification head can find
 # the last real token of a right-padded row
 FIRST_TOKEN = 3
-ARCHS = ("gpt_neox", "bloom", "gpt2", "llama", "opt", "falcon", "gpt_bigcode", "phi", "phi3")
-BIASLESS = {"phi3"}  # architectures whose projections have no bias
+ARCHS = ("gpt_neox", "bloom", "gpt2", "llama", "opt", "falcon", "gpt_bigcode", "phi", "phi3", "mistral", "qwen2",
+         "gemma")
+BIASLESS = {"phi3", "mistral", "gemma"}  # architectures whose projections have no bias (qwen2: q/k/v only)
 # OPT's modules named by hand, as for an architecture msif does not discover (its MLP flattens the tokens)
 OPT_TAGS = {f"model.decoder.layers.{i}.{n}": k for i in range(2) for n, k in (
     ("self_attn.q_proj", "mha"), ("self_attn.k_proj", "mha"), ("self_attn.v_proj", "mha"),
@@ -99,6 +100,14 @@ def tiny_config(arch: str, **overrides):
                   num_key_value_heads=1, max_position_embeddings=64, original_max_position_embeddings=64,
                   initializer_range=0.1)
         cls = Phi3Config
+    elif arch in ("mistral", "qwen2", "gemma"):  # Llama's names; Gemma's head size is not hidden / heads
+        from transformers import GemmaConfig, MistralConfig, Qwen2Config
+
+        kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.1)
+        if arch == "gemma":
+            kw |= dict(hidden_size=24, head_dim=8)
+        cls = {"mistral": MistralConfig, "qwen2": Qwen2Config, "gemma": GemmaConfig}[arch]
     elif arch == "llama":
         kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.1,

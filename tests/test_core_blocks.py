@@ -25,8 +25,9 @@ from msif_core.models import block_matrix, discover_blocks, discover_modules
 
 # (query heads, key/value heads) of the tiny models
 HEADS = {"gpt_neox": (2, 2), "bloom": (2, 2), "gpt2": (2, 2), "llama": (2, 1), "opt": (2, 2), "falcon": (2, 1),
-         "gpt_bigcode": (2, 1), "phi": (2, 2), "phi3": (2, 1)}
+         "gpt_bigcode": (2, 1), "phi": (2, 2), "phi3": (2, 1), "mistral": (2, 1), "qwen2": (2, 1), "gemma": (2, 1)}
 QKV_ROLES = ("q", "k", "v")
+GATED = ("llama", "mistral", "qwen2", "gemma")  # separate gate, up and down projections
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +55,7 @@ def test_discovered_blocks(arch):
         assert {(b.head, b.role) for b in qkv} == want and len(qkv) == len(want)
         assert all(b.kind == "mha" and b.p == 8 for b in qkv)
         assert sum(b.role == "o" for b in mine) == 1
-        n_mlp = 3 if arch == "llama" else 2  # gate, up, down vs in, out
+        n_mlp = 3 if arch in GATED else 2  # gate, up, down vs in, out
         assert sum(b.kind == "mlp" for b in mine) == n_mlp
         assert len(mine) == len(want) + 1 + n_mlp
     assert not any("embed" in b.module_name or "lm_head" in b.module_name or "wte" in b.module_name
@@ -67,7 +68,7 @@ def test_discovered_blocks(arch):
     fused = discover_modules(model, attention_blocks="fused")
     assert all(s.n_blocks == 1 for s in fused) and len(fused) == len(discover_modules(model))
     mlp = discover_modules(model, modules="mlp")
-    assert mlp and all(s.kind == "mlp" for s in mlp) and len(mlp) == 2 * (3 if arch == "llama" else 2)
+    assert mlp and all(s.kind == "mlp" for s in mlp) and len(mlp) == 2 * (3 if arch in GATED else 2)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -14,7 +14,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_core_cuda.py \
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_core_cuda.py \
   tests/test_core_scoring.py -k "cuda or gpu" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 timeout "${BENCH_TIMEOUT:-330}" python3 bench/bench_core.py --device cuda --sizes "${SIZES:-small,large,base}" \
   --lengths 512,128 --docs "${DOCS:-128}" --cache-mib 16384 --out "$OUT/core_gpu.json" 2>&1 | tee "$OUT/core_gpu.log" \

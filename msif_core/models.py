@@ -6,8 +6,8 @@ features (rows). MLP projections and attention outputs are one block each; atten
 projections are split into one block per (head, role) that all share the module's input covariance
 (SPEC section 2). The row ranges follow each architecture's real layout:
 
-- interleaved per head (GPT-NeoX, BLOOM ``query_key_value``): rows ``[h0: q k v | h1: q k v | ...]``;
-- role-major (GPT-2 ``c_attn``, Phi-3 ``qkv_proj`` with fewer key/value heads): rows
+- interleaved per head (GPT-NeoX, BLOOM, Persimmon ``query_key_value``): rows ``[h0: q k v | h1: q k v | ...]``;
+- role-major (GPT-2 ``c_attn``, MPT ``Wqkv``, Phi-3 ``qkv_proj`` with fewer key/value heads): rows
   ``[q: h0 h1 ... | k: ... | v: ...]``;
 - grouped per key/value head (Falcon ``query_key_value``, GPTBigCode/StarCoder ``c_attn``): rows
   ``[g0: q.. k v | g1: q.. k v | ...]`` (one group for multi-query models, one per head otherwise);
@@ -112,6 +112,13 @@ _KNOWN: dict[str, tuple[str, str, str]] = {
     "self_attn.out_proj": ("mha", "o", ""),
     "fc1": ("mlp", "in", ""),
     "fc2": ("mlp", "out", ""),
+    # Persimmon (fused q/k/v interleaved per head, as GPT-NeoX's)
+    "self_attn.query_key_value": ("mha", "qkv", "interleaved"),
+    # MPT (fused q/k/v role-major)
+    "attn.Wqkv": ("mha", "qkv", "role_major"),
+    "attn.out_proj": ("mha", "o", ""),
+    "ffn.up_proj": ("mlp", "in", ""),
+    "ffn.down_proj": ("mlp", "out", ""),
     # Phi (q/k/v as Llama's) and Phi-3 (fused role-major q/k/v with grouped-query heads, fused gate/up)
     "self_attn.dense": ("mha", "o", ""),
     "self_attn.qkv_proj": ("mha", "qkv", "role_major"),

@@ -25,7 +25,8 @@ from msif_core.models import block_matrix, discover_blocks, discover_modules
 
 # (query heads, key/value heads) of the tiny models
 HEADS = {"gpt_neox": (2, 2), "bloom": (2, 2), "gpt2": (2, 2), "llama": (2, 1), "opt": (2, 2), "falcon": (2, 1),
-         "gpt_bigcode": (2, 1), "phi": (2, 2), "phi3": (2, 1), "mistral": (2, 1), "qwen2": (2, 1), "gemma": (2, 1)}
+         "gpt_bigcode": (2, 1), "phi": (2, 2), "phi3": (2, 1), "mistral": (2, 1), "qwen2": (2, 1), "gemma": (2, 1),
+         "persimmon": (2, 2), "mpt": (2, 2)}
 QKV_ROLES = ("q", "k", "v")
 GATED = ("llama", "mistral", "qwen2", "gemma")  # separate gate, up and down projections
 
@@ -100,11 +101,15 @@ class _Capture:
 
     def __init__(self, model, arch):
         self.states: list[dict[str, torch.Tensor]] = []
-        if arch == "falcon":  # Falcon splits its fused projection in `_split_heads` ([B, T, heads, size])
-            for layer in model.transformer.h:
-                attn = layer.self_attention
+        self.matmuls = arch == "mpt"  # MPT computes attention with two torch.matmul calls per layer
+        if self.matmuls:
+            return
+        if arch in ("falcon", "persimmon"):  # they split the fused projection in `_split_heads` ([B, T, heads, size])
+            layers = model.transformer.h if arch == "falcon" else model.model.layers
+            for layer in layers:
+                attn = layer.self_attention if arch == "falcon" else layer.self_attn
                 orig = attn._split_heads
-                group = attn.num_heads // attn.num_kv_heads if attn.new_decoder_architecture else 1
+                group = attn.num_heads // attn.num_kv_heads if getattr(attn, "new_decoder_architecture", False) else 1
 
                 def split(fused, orig=orig, group=group):
                     q, k, v = (x.transpose(1, 2) for x in orig(fused))
@@ -136,8 +141,24 @@ class _Capture:
 
     def run(self, model, x):
         self.states = []
-        with torch.no_grad():
-            model(input_ids=x)
+        if not self.matmuls:
+            with torch.no_grad():
+                model(input_ids=x)
+            return self.states
+        calls = []
+        real = torch.matmul
+
+        def record(a, b, *args, **kw):  # (q, kᵀ) for the scores, then (weights, v)
+            calls.append((a.detach().clone(), b.detach().clone()))
+            return real(a, b, *args, **kw)
+        torch.matmul = record
+        try:
+            with torch.no_grad():
+                model(input_ids=x)
+        finally:
+            torch.matmul = real
+        for (q, kt), (_, v) in zip(calls[0::2], calls[1::2]):
+            self.states.append({"q": q, "k": kt.transpose(-1, -2), "v": v})
         return self.states
 
 

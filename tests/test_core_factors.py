@@ -18,6 +18,7 @@ from core_helpers import (
     BruteRun,
     assert_eigenbasis,
     assert_scaled_close,
+    batch_for,
     loss_closures,
     one_thread,  # noqa: F401  (autouse fixture)
     random_docs,
@@ -82,7 +83,7 @@ def test_empirical_fisher_factors_match_brute_force(models, arch, kind):
     assert any(s.has_bias for s in specs) != (arch in BIASLESS), "the tiny models must exercise the bias column"
     assert any(s.n_blocks > 1 for s in specs), "attention q/k/v must be split per head"
     bf = BruteRun(model, specs, loss_closures(model, enc))
-    _check_factors(model, specs, enc, FitSettings(fisher="empirical", batch_size=BATCH), bf, bf)
+    _check_factors(model, specs, enc, FitSettings(fisher="empirical", batch_size=batch_for(arch, BATCH)), bf, bf)
 
 
 def test_user_tagged_modules_match_brute_force(models):
@@ -130,8 +131,8 @@ def test_true_fisher_factors_match_brute_force(models, arch, kind):
     both passes use the same draws."""
     model, enc = models[arch], DATA[kind]
     specs = discover_modules(model)
-    settings = FitSettings(fisher="true", batch_size=BATCH, seed=5)
-    targets = sampled_targets(model, enc, BATCH, settings.generator())
+    settings = FitSettings(fisher="true", batch_size=batch_for(arch, BATCH), seed=5)
+    targets = sampled_targets(model, enc, settings.batch_size, settings.generator())
     n_resampled = sum(t != x for i in range(len(enc)) for t, x in zip(targets[i], enc.input_ids[i]))
     assert n_resampled > 0
     bf = BruteRun(model, specs, loss_closures(model, enc, targets))

@@ -18,6 +18,7 @@ from core_helpers import (
     OPT_TAGS,
     PAD,
     VOCAB,
+    batch_for,
     explicit_precondition,
     lm_loss,
     loss_closures,
@@ -53,8 +54,9 @@ class World:
         self.docs = random_docs(7, 3, 9, seed=31)
         self.ftdata = random_pairs(6, (2, 4), (1, 4), seed=32)
         self.queries = random_pairs(3, (2, 4), (2, 3), seed=33)
-        self.pt_f = fit_ekfac(self.pt, self.specs, self.docs, FitSettings(batch_size=3), PAD)
-        self.ft_f = fit_ekfac(self.ft, self.specs, self.ftdata, FitSettings(batch_size=3, seed=1), PAD)
+        self.bs = batch_for(arch, 3)
+        self.pt_f = fit_ekfac(self.pt, self.specs, self.docs, FitSettings(batch_size=self.bs), PAD)
+        self.ft_f = fit_ekfac(self.ft, self.specs, self.ftdata, FitSettings(batch_size=self.bs, seed=1), PAD)
         self.grad_m = [sequence_grads(self.ft, self.specs, fn) for fn in loss_closures(self.ft, self.queries)]
         self.grad_pt = [sequence_grads(self.pt, self.specs, fn) for fn in loss_closures(self.pt, self.docs)]
         self.grad_ft = [sequence_grads(self.ft, self.specs, fn) for fn in loss_closures(self.ft, self.docs)]
@@ -135,7 +137,7 @@ def test_ss_if_equals_explicit_computation(arch, strategy):
     grads = measurement_gradients(w.ft, w.specs, w.queries, batch_size=2, pad_id=PAD)
     rank = FULL_RANK if strategy == "low_rank" else 0
     ih = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT, rank=rank)
-    res = score_documents(w.ft, ih, w.docs, batch_size=3, pad_id=PAD, strategy=strategy)
+    res = score_documents(w.ft, ih, w.docs, batch_size=w.bs, pad_id=PAD, strategy=strategy)
     assert res.scores.shape == (len(w.docs), len(w.queries))
     assert rel_err(res.scores, want) < 1e-8
     assert rel_err(res.losses, [lm_loss(w.ft, d, m).item() for d, m in zip(w.docs.input_ids, w.docs.loss_mask)]) < 1e-10

@@ -39,7 +39,6 @@ def _time(fn, repeat: int = 2):
     """(result, best time of ``repeat`` runs): the first run also pays the first touch of its memory."""
     best = float("inf")
     for _ in range(repeat):
-        out = None
         t0 = time.perf_counter()
         out = fn()
         best = min(best, time.perf_counter() - t0)

@@ -638,7 +638,7 @@ def fit_ekfac(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, setti
     lam = lambda_sums(model, specs, encoded, basis, settings, pad_id, cache)
     f = finalize(model, specs, basis, lam, settings,
                  {"fit_seconds": round(time.perf_counter() - t0, 3), "eigh_seconds": round(t2 - t1, 3),
-                  "truncated": encoded.n_truncated, "pass_cache": cached})
+                  "pass_cache": cached})
     log.info("fitted EK-FAC on %d sequences / %d tokens in %.1fs", lam.sequences, basis.tokens,
              time.perf_counter() - t0)
     return f

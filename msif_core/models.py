@@ -134,6 +134,16 @@ _KNOWN: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _known(name: str) -> tuple[str, str, str] | None:
+    """(kind, role, qkv layout) of a module whose name ends like a known projection, else None."""
+    return next((v for k, v in _KNOWN.items() if name == k or name.endswith("." + k)), None)
+
+
+def _in_layer_stack(name: str) -> bool:
+    """Whether a module sits in a numbered stack of layers (``...layers.3.mlp...``), i.e. in the backbone."""
+    return any(part.isdigit() for part in name.split("."))
+
+
 def _layout_of(module: nn.Module) -> tuple[str, int, int]:
     if isinstance(module, nn.Linear):
         return "linear", module.in_features, module.out_features
@@ -235,12 +245,12 @@ def discover_modules(model: nn.Module, attention_blocks: str = "per_head", modul
             specs.append(ModuleSpec(name, tag, layout, d_in, d_out, named[name].bias is not None,
                                     (Block(name, name, tag, tag, None, 0, d_out),)))
         return specs
+    model_type = getattr(config, "model_type", "")
     for name, mod in named.items():
-        match = next((v for k, v in _KNOWN.items() if name == k or name.endswith("." + k)), None)
+        match = _known(name)
         if match is None:
             continue
         kind, role, qkv_layout = match
-        model_type = getattr(config, "model_type", "")
         if (qkv_layout, model_type) in (("interleaved", "falcon"), ("role_major", "gpt_bigcode")):
             qkv_layout = "grouped"  # named like BLOOM's / GPT-2's, laid out per key/value group
         if modules == "mlp" and kind != "mlp":
@@ -251,17 +261,16 @@ def discover_modules(model: nn.Module, attention_blocks: str = "per_head", modul
     if not specs:
         raise ValueError(
             f"no analysable modules found in {type(model).__name__}; pass module_tags={{name: 'mlp'|'mha'}}")
-    _warn_unknown_projections(model, named, {s.name for s in specs})
+    _warn_unknown_projections(model, named)
     return specs
 
 
-def _warn_unknown_projections(model: nn.Module, named: dict[str, nn.Module], found: set[str]) -> None:
+def _warn_unknown_projections(model: nn.Module, named: dict[str, nn.Module]) -> None:
     """Log the linear projections of the layer stack that discovery did not recognise (a partly known
     architecture would otherwise be analysed without them)."""
-    known = tuple(_KNOWN)
     missed = [n for n, m in named.items()
-              if n not in found and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
-              and any(part.isdigit() for part in n.split(".")) and not n.endswith(known)]
+              if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and _in_layer_stack(n)
+              and _known(n) is None]
     if missed:
         log.warning("%d linear projections of %s are not analysed, e.g. %s; name every module to analyse in "
                     "module_tags={name: 'mlp'|'mha'} to include them", len(missed), type(model).__name__,
@@ -348,11 +357,6 @@ def load_model(path: str | Path, task: str = "auto", dtype: torch.dtype = torch.
     else:
         log.warning("no tokenizer files in %s; pass token ids yourself or save the tokenizer beside the model", p)
     return LoadedModel(model, tokenizer, str(p), task)
-
-
-def _in_layer_stack(name: str) -> bool:
-    """Whether a module sits in a numbered stack of layers (``...layers.3.mlp...``), i.e. in the backbone."""
-    return any(part.isdigit() for part in name.split("."))
 
 
 def check_compatible(pt_specs: list[ModuleSpec], ft_specs: list[ModuleSpec]) -> list[str]:

@@ -22,7 +22,9 @@ def corpus_rows(n_docs: int, seed: int = 0) -> list[dict]:
     rows = []
     for i in range(n_docs):
         who = NAMES[i % len(NAMES)]
-        if i % 3 == 2:
+        if i == 2:  # longer than the worlds' max_length (32 tokens): truncated, and counted
+            text = " . ".join(rng.choice(FILLER) for _ in range(9)) + " ."
+        elif i % 3 == 2:
             text = f"{rng.choice(FILLER)} . {rng.choice(FILLER)} ."
         elif i % 3 == 1:
             text = f"{who} works as a {JOBS[i % len(JOBS)]} . {rng.choice(FILLER)} ."

@@ -92,10 +92,18 @@ def test_tables_and_metadata(run) -> None:
     # materialisation metadata a person reads at a glance
     ev = pipe.instance.get_latest_materialization_event(dg.AssetKey("finetune_factors")).asset_materialization
     assert {"tokens_per_second", "seconds", "sequences", "blocks_table", "truncated_sequences"} <= set(ev.metadata)
-    # over-long documents are counted where they are cut: in the fit shards and the scored shards
-    for key in ("pretrain_covariance_sums", "influence_scores"):
-        ev = pipe.instance.get_latest_materialization_event(dg.AssetKey(key)).asset_materialization
-        assert ev.metadata["truncated_documents"].value >= 0, key
+    # the one over-long document (d002, shard 0) is counted where it is cut: its fit shard, and the
+    # pre-train factors assembled from every shard's Λ sums
+    recs = pipe.instance.get_event_records(
+        dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_MATERIALIZATION,
+                              asset_key=dg.AssetKey("pretrain_covariance_sums")), limit=100)
+    cut = {r.event_log_entry.asset_materialization.partition:
+           r.event_log_entry.asset_materialization.metadata["truncated_documents"].value for r in recs}
+    assert cut == {"shard_00000": 1, "shard_00001": 0, "shard_00002": 0}
+    ev = pipe.instance.get_latest_materialization_event(dg.AssetKey("pretrain_factors")).asset_materialization
+    assert ev.metadata["truncated_sequences"].value == 1
+    ev = pipe.instance.get_latest_materialization_event(dg.AssetKey("influence_scores")).asset_materialization
+    assert "truncated_documents" in ev.metadata
     ev = pipe.instance.get_latest_materialization_event(dg.AssetKey("attribution_report")).asset_materialization
     assert "data:image/png;base64," in ev.metadata["report"].value
 

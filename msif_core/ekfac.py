@@ -33,6 +33,7 @@ from torch import nn
 
 from .data import Encoded, iter_batches
 from .gradients import analysed_grads_only, forward_backward
+from .memory import available_memory
 from .models import FINGERPRINT_VERSION, ModuleSpec, fingerprint
 
 log = logging.getLogger(__name__)
@@ -170,51 +171,6 @@ class Eigenbasis:
 
 CACHE_AUTO_SHARE = 0.25  # of the memory available when the fit starts
 CACHE_AUTO_MAX = 16 * 2**30
-
-
-# (limit, usage) files of the process's memory cgroup: v2, then v1
-CGROUP_MEMORY_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
-
-
-def _cgroup_headroom() -> int | None:
-    """Bytes left under this container's memory limit (limit − usage), None where there is no limit."""
-    for limit_file, usage_file in CGROUP_MEMORY_FILES:
-        try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:  # v1 writes a huge number for none
-            return None
-        return max(0, int(limit) - usage)
-    return None
-
-
-def _host_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes of memory available on ``device`` now: free GPU memory for CUDA; for the CPU the kernel's
-    ``MemAvailable`` (free plus reclaimable), within the container's memory limit where there is one
-    (a container's /proc/meminfo shows the host's memory); None where it cannot be read."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
-        return None
-    sizes = [x for x in (_host_available(), _cgroup_headroom()) if x is not None]
-    return min(sizes) if sizes else None
 
 
 def cache_budget(settings: FitSettings, device: torch.device) -> int:

@@ -6,13 +6,18 @@ Scoring many queries writes gigabytes of per-sequence gradients per group: at 18
 tokens, 64 queries, its pass took 17.3 s without and 11.1 s with this setting (bench/bench_core.py,
 ``--no-retain-memory``; rows in bench/results/). :func:`retain_freed_memory` switches the process's
 allocator to keep freed memory for reuse: resident memory then stays at its peak until the process exits.
+:func:`available_memory` says how much memory a device has free (the EK-FAC fit sizes its pass cache by it).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
+from pathlib import Path
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -43,3 +48,48 @@ def retain_freed_memory() -> bool:
     log.debug("retain freed memory: %s", ok)
     _state["on"] = ok
     return ok
+
+
+# (limit, usage) files of the process's memory cgroup: v2, then v1
+CGROUP_MEMORY_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def _cgroup_headroom() -> int | None:
+    """Bytes left under this container's memory limit (limit − usage), None where there is no limit."""
+    for limit_file, usage_file in CGROUP_MEMORY_FILES:
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:  # v1 writes a huge number for none
+            return None
+        return max(0, int(limit) - usage)
+    return None
+
+
+def _host_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes of memory available on ``device`` now: free GPU memory for CUDA; for the CPU the kernel's
+    ``MemAvailable`` (free plus reclaimable), within the container's memory limit where there is one
+    (a container's /proc/meminfo shows the host's memory); None where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    sizes = [x for x in (_host_available(), _cgroup_headroom()) if x is not None]
+    return min(sizes) if sizes else None

@@ -29,17 +29,13 @@ PAD = 0
 FIRST_TOKEN = 3
 ARCHS = ("gpt_neox", "bloom", "gpt2", "llama", "opt", "falcon", "gpt_bigcode", "phi", "phi3", "mistral", "qwen2",
          "gemma", "persimmon", "mpt")
-BIASLESS = {"phi3", "mistral", "gemma", "mpt"}
+BIASLESS = {"phi3", "mistral", "gemma", "mpt"}  # projections without bias (qwen2: on q/k/v only)
 
 
 def batch_for(arch: str, batch_size: int) -> int:
     """Batch size of the exact-match tests: 1 (no padding) for MPT, whose float32 ALiBi table is built for
     the padded length, so that the model itself gives a padded sequence logits ~1e-8 off its own."""
-    return 1 if arch == "mpt" else batch_size  # architectures whose projections have no bias (qwen2: q/k/v only)
-# OPT's modules named by hand, as for an architecture msif does not discover (its MLP flattens the tokens)
-OPT_TAGS = {f"model.decoder.layers.{i}.{n}": k for i in range(2) for n, k in (
-    ("self_attn.q_proj", "mha"), ("self_attn.k_proj", "mha"), ("self_attn.v_proj", "mha"),
-    ("self_attn.out_proj", "mha"), ("fc1", "mlp"), ("fc2", "mlp"))}
+    return 1 if arch == "mpt" else batch_size
 
 
 @pytest.fixture(scope="module", autouse=True)

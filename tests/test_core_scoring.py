@@ -15,7 +15,6 @@ import torch
 from core_helpers import (
     ARCHS,
     FIRST_TOKEN,
-    OPT_TAGS,
     PAD,
     VOCAB,
     batch_for,
@@ -49,7 +48,7 @@ class World:
     def __init__(self, arch: str):
         self.pt = tiny_model(arch, seed=7)
         self.ft = perturbed_copy(self.pt, 0.05)
-        self.specs = discover_modules(self.pt, module_tags=OPT_TAGS if arch == "opt" else None)
+        self.specs = discover_modules(self.pt)
         self.names = [s.name for s in self.specs]
         self.docs = random_docs(7, 3, 9, seed=31)
         self.ftdata = random_pairs(6, (2, 4), (1, 4), seed=32)
@@ -74,7 +73,7 @@ def world(arch: str) -> World:
     return World(arch)
 
 
-@pytest.mark.parametrize("arch", ARCHS + ("opt",))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_measurement_gradients_match_brute_force(arch):
     w = world(arch)
     grads = measurement_gradients(w.ft, w.specs, w.queries, batch_size=2, pad_id=PAD)
@@ -127,7 +126,7 @@ def test_query_ihvps_from_tokens_equal_those_from_dense_gradients(method):
 
 
 @pytest.mark.parametrize("strategy", ["gradient", "low_rank"])
-@pytest.mark.parametrize("arch", ARCHS + ("opt",))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_ss_if_equals_explicit_computation(arch, strategy):
     """SS-IF = ⟨P_ft ∇m, ∇ℓ(z; θ_ft)⟩ with candidate gradients materialised by autograd."""
     w = world(arch)

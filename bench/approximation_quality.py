@@ -78,7 +78,7 @@ def main() -> None:
     torch.set_num_threads(2)
     world = Path(args.world)
     if not (world / "models" / "pretrained").exists():
-        from dagster_project.demo_world import build_demo
+        from msif_demo import build_demo
 
         build_demo(world)
     lm = load_model(world / "models" / "pretrained", dtype=torch.float64)

@@ -46,16 +46,15 @@ def direct(cfg) -> dict:
     """The pipeline's computation called directly on msif_core, in memory."""
     import pandas as pd
 
-    from dagster_project.resources import EmbedderResource
     from msif_assets.assets import attribution_settings
     from msif_assets.io import CorpusReader, read_records
+    from msif_assets.resources import EmbedderResource
+    from msif_core import methods as registry
     from msif_core.api import encode_queries, fit_stage_factors, load_stages, scores_table
-    from msif_core.baselines import bm25_scores, repsim_scores
     from msif_core.data import encode_documents
     from msif_core.ekfac import covariance_sums as cov_sums
     from msif_core.ekfac import eigenbasis, finalize, lambda_sums, merge_all
     from msif_core.query import measurement_gradients, query_ihvps
-    from msif_core.scoring import score_documents
 
     t0, c0 = time.perf_counter(), time.process_time()
     s = attribution_settings(cfg)
@@ -78,21 +77,16 @@ def direct(cfg) -> dict:
     qids = q.query_id.astype(str).iloc[qenc.kept].tolist()
     grads = measurement_gradients(ft.model, ft.specs, qenc, s.batch_size, ft.pad_id)
     ihvps = {m: query_ihvps(grads, ft.specs, m, ftf, ptf, s.damping_finetune, s.damping_pretrain, s.query_rank)
-             for m in cfg.scores.methods if m in ("ms_if", "ss_if", "gdp")}
+             for m in cfg.scores.gradient_methods}
     rows = 0
     for shard in shards:
         enc = encode_documents(pt.loaded.tokenizer, shard.text.tolist(), cfg.factors.max_length)
         ids = shard.doc_id.iloc[enc.kept].tolist()
         for m in cfg.scores.methods:
-            if m in ihvps:
-                ih = ihvps[m]
-                stage = ft if m == "ss_if" else pt
-                res = score_documents(stage.model, ih, enc, s.batch_size, stage.pad_id)
-                rows += len(scores_table(res, m, ids, qids))
-            elif m == "repsim":
-                rows += repsim_scores(ft.model, pt.model, pt.loaded.tokenizer, enc, qenc).size
-            elif m == "bm25":
-                rows += bm25_scores(shard.text.tolist(), (q.prompt + q.completion).tolist()).size
+            res = registry.score(m, pt, ft, enc, ihvps=ihvps.get(m), queries=qenc, batch_size=s.batch_size,
+                                 query_texts=(q.prompt + q.completion).tolist(), corpus_texts=shard.text.tolist(),
+                                 positions=enc.kept)
+            rows += len(scores_table(res, m, ids, qids)) if m in ihvps else res.scores.size
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "rows": rows}
 
 
@@ -100,8 +94,8 @@ def pipeline(cfg) -> dict:
     """The same through Dagster: every asset materialised in-process into a fresh lakehouse."""
     import dagster as dg
 
-    from dagster_project.resources import DeviceResource
     from msif_assets.build import build_definitions
+    from msif_assets.resources import DeviceResource
     from msif_assets.runner import Pipeline
 
     shutil.rmtree(cfg.root, ignore_errors=True)
@@ -121,8 +115,8 @@ def pipeline(cfg) -> dict:
 
 
 def bench_overhead(repeats: int) -> dict:
-    from dagster_project.config import demo_config, ensure_demo_world
-    from dagster_project.resources import DeviceResource, EmbedderResource
+    from dagster_project.demo import demo_config, ensure_demo_world
+    from msif_assets.resources import DeviceResource, EmbedderResource
 
     demo = demo_config(ROOT / "lakehouse" / "demo")
     ensure_demo_world(demo)

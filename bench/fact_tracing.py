@@ -161,7 +161,7 @@ def main() -> None:
     torch.set_num_threads(2)
     world = Path(args.world)
     if not (world / "models" / "finetuned").exists():
-        from dagster_project.demo_world import build_demo
+        from msif_demo import build_demo
 
         build_demo(world)
     r = run(world, args.queries, Path(args.out))

@@ -12,7 +12,7 @@ import json
 import logging
 from pathlib import Path
 
-from dagster_project.demo_world import DemoParams, build_demo
+from msif_demo import DemoParams, build_demo
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,13 +64,14 @@ def _quiet() -> None:
 
 def _print_summary(cfg, n_queries: int = 3, top: int = 5) -> None:
     from msif_assets.layout import Layout
-    from msif_assets.views import connect, run_named
+    from msif_assets.views import SQL_DIR, connect, run_named
+    from msif_core.methods import headline
 
     layout = Layout(cfg.root)
     con = connect(layout)
     try:
         methods = [r[0] for r in con.execute("SELECT DISTINCT method FROM influence_scores_by_shard").fetchall()]
-        method = "ms_if" if "ms_if" in methods else sorted(methods)[0]
+        method = headline(methods)
         queries = con.execute("SELECT query_id, prompt, completion, answer, answer_correct FROM queries "
                               "WHERE scored ORDER BY query_id LIMIT ?", [n_queries]).fetchall()
         print(f"\nTop documents by {method} (rank 1 = most supporting; ✓ = a true source of the fact)")
@@ -98,7 +99,7 @@ def _print_summary(cfg, n_queries: int = 3, top: int = 5) -> None:
     finally:
         con.close()
     print(f"\nSQL:    duckdb {layout.database}   (views: influence_scores, top_influences, documents, queries)")
-    print(f"        named queries: {Path(__file__).resolve().parents[1] / 'sql'}/*.sql")
+    print(f"        named queries: {SQL_DIR}/*.sql")
     print(f"Report: {layout.reports / 'attribution_report.md'} (+ .png)")
 
 
@@ -107,13 +108,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     _quiet()
     import dagster as dg
 
-    from dagster_project.config import ConfigError, check_inputs, ensure_demo_world, load_config
     from msif_assets.build import build_definitions
+    from msif_assets.config import ConfigError, check_inputs
     from msif_assets.runner import Pipeline
+
+    from .demo import ensure_demo_world, load_experiment
 
     t0 = time.perf_counter()
     try:
-        cfg = load_config(args.path, check_files=False)
+        cfg = load_experiment(args.path, check_files=False)
         t_world = time.perf_counter()
         if cfg.is_demo:
             print(f"No experiment file given: using the demo world under {cfg.root}")
@@ -164,10 +167,12 @@ def _time_summary(runs: list, world_s: float) -> str:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """``msif ui``: ``dagster dev`` on the experiment, sharing ``msif run``'s instance."""
-    from dagster_project.config import ConfigError, check_inputs, ensure_demo_world, load_config
+    from msif_assets.config import ConfigError, check_inputs
+
+    from .demo import ensure_demo_world, load_experiment
 
     try:
-        cfg = load_config(args.path, check_files=False)
+        cfg = load_experiment(args.path, check_files=False)
         ensure_demo_world(cfg)  # before the UI starts, so the code server loads fast
         check_inputs(cfg)
     except ConfigError as e:

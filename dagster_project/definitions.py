@@ -1,7 +1,8 @@
 """Dagster definitions of the msif pipeline: ``dagster dev -m dagster_project.definitions`` (``make ui``).
 
-The experiment comes from ``$MSIF_CONFIG`` (a TOML file, see :mod:`dagster_project.config`); without
-it, the built-in demo world under ``./lakehouse/demo`` (built on first load if absent: a few minutes).
+Importing this module does nothing: Dagster calls :func:`defs` when it loads the code location. The
+experiment comes from ``$MSIF_CONFIG`` (a TOML file, see :mod:`msif_assets.config`); without it, the
+built-in demo world under ``./lakehouse/demo`` (built then if absent: a minute or two).
 ``MSIF_DEVICE``, ``MSIF_DTYPE`` and ``MSIF_EMBEDDER`` override the device and embedder resources.
 
 Materialise everything once (the UI's "Materialize all", or ``msif run``); after that the source
@@ -10,11 +11,18 @@ sensor and the automation conditions keep it up to date.
 
 from __future__ import annotations
 
-from dagster_project.config import check_inputs, ensure_demo_world, load_config
-from msif_assets.build import build_definitions
+import dagster as dg
 
-_cfg = load_config(check_files=False)
-ensure_demo_world(_cfg)
-check_inputs(_cfg)
 
-defs = build_definitions(_cfg)
+@dg.definitions
+def defs() -> dg.Definitions:
+    """The experiment's assets, checks, sensors and resources (the demo world built first if needed)."""
+    from msif_assets.build import build_definitions
+    from msif_assets.config import check_inputs
+
+    from .demo import ensure_demo_world, load_experiment
+
+    cfg = load_experiment(check_files=False)
+    ensure_demo_world(cfg)
+    check_inputs(cfg)
+    return build_definitions(cfg)

@@ -6,11 +6,10 @@ import os
 
 import dagster as dg
 
-from dagster_project.config import ExperimentConfig
-from dagster_project.resources import DeviceResource, EmbedderResource, LakehouseResource
-
 from .assets import build_assets
 from .checks import build_checks
+from .config import ExperimentConfig
+from .resources import DeviceResource, EmbedderResource, LakehouseResource
 from .sources import build_source_assets, build_source_sensor
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import dagster as dg
 import torch
 
-from dagster_project.config import ExperimentConfig
-
+from .config import ExperimentConfig
 from .layout import Layout
 from .views import connect
 

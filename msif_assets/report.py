@@ -6,21 +6,15 @@ from __future__ import annotations
 import io
 from typing import Any
 
-import pandas as pd
+from msif_core.methods import headline
 
-from dagster_project.config import ExperimentConfig
-
+from .config import ExperimentConfig
 from .layout import Layout
+from .markdown import md_table
 from .views import connect, run_named
 
 REPORT_QUERIES = 5
 REPORT_TOP = 5
-
-
-def _md_table(df: pd.DataFrame) -> str:
-    from .assets import md_table
-
-    return md_table(df)
 
 
 def report_data(layout: Layout, n_queries: int = REPORT_QUERIES, top: int = REPORT_TOP,
@@ -30,7 +24,7 @@ def report_data(layout: Layout, n_queries: int = REPORT_QUERIES, top: int = REPO
     try:
         methods = [r[0] for r in con.execute("SELECT DISTINCT method FROM influence_scores_by_shard").fetchall()]
         if method is None:
-            method = "ms_if" if "ms_if" in methods else sorted(methods)[0]
+            method = headline(methods)
         queries = con.execute(
             "SELECT query_id, prompt, completion, answer, answer_correct, true_doc_ids FROM queries WHERE scored "
             "ORDER BY query_id LIMIT ?", [n_queries]).df()
@@ -66,13 +60,13 @@ def render_markdown(data: dict[str, Any], cfg: ExperimentConfig | None = None) -
             t = rows[["rank", "doc_id", "score", "is_true_source", "text"]].copy()
             t["text"] = t.text.str.slice(0, 140)
             t["is_true_source"] = t.is_true_source.map({True: "✓", False: "", None: ""})
-            lines += ["", _md_table(t.rename(columns={"is_true_source": "true source"}))]
+            lines += ["", md_table(t.rename(columns={"is_true_source": "true source"}))]
     if data["quality"] is not None and len(data["quality"]):
         lines += ["", "## Quality (MRR, Recall@10 per method)", "",
-                  _md_table(data["quality"][["method", "n_queries", "mrr", "recall_at_k"]]
+                  md_table(data["quality"][["method", "n_queries", "mrr", "recall_at_k"]]
                             .rename(columns={"recall_at_k": "recall_at_10"}))]
     if len(data["split"]):
-        lines += ["", "## MLP vs attention share of the score (top 10 per query)", "", _md_table(data["split"])]
+        lines += ["", "## MLP vs attention share of the score (top 10 per query)", "", md_table(data["split"])]
     return "\n".join(lines) + "\n"
 
 

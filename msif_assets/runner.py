@@ -22,10 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import dagster as dg
-from dagster._serdes import deserialize_value, serialize_value
 
-from dagster_project.config import ExperimentConfig
-
+from .config import ExperimentConfig
 from .sources import SyncReport, sync_sources
 
 log = logging.getLogger(__name__)
@@ -214,19 +212,18 @@ class Pipeline:
         if not raw:
             return None
         try:
-            return deserialize_value(raw)
+            return dg.deserialize_value(raw)
         except Exception:  # noqa: BLE001 - an unreadable cursor only costs one extra evaluation
             return None
 
     def _save_cursor(self, cursor) -> None:
-        self.instance.run_storage.set_cursor_values({_CURSOR: serialize_value(cursor)})
+        self.instance.run_storage.set_cursor_values({_CURSOR: dg.serialize_value(cursor)})
 
     def evaluate(self) -> set[Unit]:
         """One automation tick: the (asset, partition) units the conditions request now."""
         r = dg.evaluate_automation_conditions(defs=self.defs, instance=self.instance, cursor=self._load_cursor())
         self._save_cursor(r.cursor)
-        return {(ap.asset_key, ap.partition_key) for ap in r._requested_asset_partitions  # noqa: SLF001
-                if ap.asset_key in self.assets}
+        return {(k, p) for k in self.assets for p in r.get_requested_partitions(k)}
 
     def sync(self) -> SyncReport:
         """Observe the sources and record what changed (see :func:`msif_assets.sources.sync_sources`)."""

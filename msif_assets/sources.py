@@ -19,10 +19,9 @@ import logging
 from dataclasses import dataclass, field
 
 import dagster as dg
-from dagster._core.definitions.data_version import DATA_VERSION_TAG, extract_data_version_from_entry
 
-from dagster_project.config import ExperimentConfig
-
+from .config import ExperimentConfig
+from .dagster_compat import latest_data_version, observation
 from .io import CorpusReader, shard_index, tree_hash
 from .layout import Layout
 
@@ -96,14 +95,6 @@ def fit_shard_keys(cfg: ExperimentConfig, shard_keys: list[str]) -> list[str]:
     return sorted(k for k in shard_keys if shard_index(k) < n)
 
 
-def _latest_version(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None) -> str | None:
-    rec = instance.get_latest_data_version_record(key, is_source=True, partition_key=partition)
-    if rec is None:
-        return None
-    v = extract_data_version_from_entry(rec.event_log_entry)
-    return v.value if v else None
-
-
 def plan_sync(instance: dg.DagsterInstance, cfg: ExperimentConfig,
               snap: SourceSnapshot) -> tuple[SyncReport, list, list[dg.AssetObservation], dict[str, str]]:
     """What to change: (report, dynamic partition requests, observations, instance key-value updates)."""
@@ -138,15 +129,12 @@ def plan_sync(instance: dg.DagsterInstance, cfg: ExperimentConfig,
     observations = []
     for name, version in snap.versions.items():
         key = dg.AssetKey(name)
-        if _latest_version(instance, key, None) != version:
-            observations.append(dg.AssetObservation(asset_key=key, tags={DATA_VERSION_TAG: version},
-                                                    metadata={"content_hash": version}))
+        if latest_data_version(instance, key, None) != version:
+            observations.append(observation(key, version))
             rep.observed.append(name)
     for part, version in snap.shard_versions.items():
-        if _latest_version(instance, CORPUS, part) != version:
-            observations.append(dg.AssetObservation(asset_key=CORPUS, partition=part,
-                                                    tags={DATA_VERSION_TAG: version},
-                                                    metadata={"content_hash": version}))
+        if latest_data_version(instance, CORPUS, part) != version:
+            observations.append(observation(CORPUS, version, part))
             rep.observed.append(f"{CORPUS.path[0]}[{part}]")
     return rep, requests, observations, kv
 

@@ -1,4 +1,4 @@
-"""``<root>/msif.duckdb``: DuckDB views over the Parquet tables, and the named queries in ``sql/``.
+"""``<root>/msif.duckdb``: DuckDB views over the Parquet tables, and the named queries in ``msif_assets/sql/``.
 
 Views (absolute paths, so ``duckdb <root>/msif.duckdb`` works from any folder):
 
@@ -21,11 +21,13 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from msif_core.tables import RANK_ORDER_SQL
+
 from .layout import Layout
 
-SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+SQL_DIR = Path(__file__).resolve().parent / "sql"  # package data: the named queries
 TOP_K = 10
-RANK_ORDER = "ORDER BY score DESC, doc_id"
+RANK_ORDER = RANK_ORDER_SQL  # the one rank rule (msif_core.tables)
 
 
 def _lit(p: Path) -> str:

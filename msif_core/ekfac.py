@@ -35,6 +35,7 @@ from .data import Encoded, iter_batches
 from .gradients import analysed_grads_only, forward_backward
 from .memory import available_memory
 from .models import FINGERPRINT_VERSION, ModuleSpec, fingerprint
+from .settings import FactorSettings, default_of
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,12 @@ FACTORS_FORMAT = "msif-ekfac-1"
 class FitSettings:
     """How EK-FAC factors are fitted."""
 
-    fisher: str = field(default="true", metadata={"help": "'true' samples targets from the model; "
-                                                          "'empirical' uses the data's tokens."})
-    max_examples: int = field(default=100_000, metadata={"help": "Cap on sequences used in each pass."})
-    batch_size: int = field(default=8, metadata={"help": "Sequences per forward/backward pass."})
+    fisher: str = field(default=default_of(FactorSettings, "fisher"),
+                        metadata={"help": "'true' samples targets from the model; 'empirical' uses the data's tokens."})
+    max_examples: int = field(default=default_of(FactorSettings, "max_examples"),
+                              metadata={"help": "Cap on sequences used in each pass."})
+    batch_size: int = field(default=default_of(FactorSettings, "batch_size"),
+                            metadata={"help": "Sequences per forward/backward pass."})
     seed: int = field(default=0, metadata={"help": "Seed of the true-Fisher target sampling."})
     shard: int = field(default=0, metadata={"help": "Shard index, mixed into the seed per shard."})
     cache_mib: float | None = field(default=None, metadata={

@@ -23,11 +23,13 @@ from torch import nn
 from .data import Encoded, iter_batches
 from .ekfac import Factors, save_tensor_dir
 from .gradients import analysed_grads_only, forward_backward
+from .methods import GRADIENT_METHODS
+from .methods import get as get_method
 from .models import ModuleSpec
 
 log = logging.getLogger(__name__)
 
-METHODS = ("ms_if", "ss_if", "gdp")
+METHODS = GRADIENT_METHODS
 
 
 class MeasurementGradients(Mapping[str, torch.Tensor]):
@@ -196,25 +198,26 @@ def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], meth
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method in ("ms_if", "ss_if") and ft_factors is None:
+    m = get_method(method)
+    if m.finetune_factors and ft_factors is None:
         raise ValueError(f"{method} needs the fine-tuned model's EK-FAC factors")
-    if method == "ms_if" and pt_factors is None:
-        raise ValueError("ms_if needs the pre-trained model's EK-FAC factors")
+    if m.pretrain_factors and pt_factors is None:
+        raise ValueError(f"{method} needs the pre-trained model's EK-FAC factors")
     out = QueryIHVPs(method, {}, rank=rank, manifest={
-        "damping_ft": damping_ft if method != "gdp" else None,
-        "damping_pt": damping_pt if method == "ms_if" else None})
+        "damping_ft": damping_ft if m.finetune_factors else None,
+        "damping_pt": damping_pt if m.pretrain_factors else None})
     tokens = isinstance(grads, MeasurementGradients)
     for s in specs:
-        if method in ("ms_if", "ss_if") and s.name not in ft_factors.specs:
+        if m.finetune_factors and s.name not in ft_factors.specs:
             log.info("skipping %s: not in the fine-tune factors", s.name)
             continue
-        if method == "ms_if" and s.name not in pt_factors.specs:
+        if m.pretrain_factors and s.name not in pt_factors.specs:
             log.info("skipping %s: not in the pre-train factors", s.name)
             continue
-        if method == "gdp":
+        if not m.finetune_factors:  # GDP: ∇m as is
             g = grads[s.name]
         else:  # P_ft ∇m, then (MS-IF) P_pt of that
-            then = pt_factors if method == "ms_if" else None
+            then = pt_factors if m.pretrain_factors else None
             tok = grads.tokens(s.name) if tokens else None
             g = (ft_factors.precondition_tokens(s.name, *tok, damping_ft, then=then, then_damping=damping_pt)
                  if tok is not None

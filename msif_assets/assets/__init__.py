@@ -1,0 +1,60 @@
+"""The asset graph: one module per domain, each asset declared once with its deps, partitions, settings
+and code (:mod:`.base`). Lineage (``[s]`` = one partition per corpus shard, ``[f]`` = per pre-train fit
+shard)::
+
+    pretraining_corpus[s] → corpus_shards[s] → corpus_embeddings[s] → candidates[s] ─────────┐   corpus
+    corpus_shards[f], pretrained_checkpoint → pretrain_covariance_sums[f] → pretrain_eigenbasis │   pretrain
+        → pretrain_lambda_sums[f] → pretrain_factors ─┐                                          │
+    finetuned_checkpoint, finetuning_data → finetune_factors ─┤                                  │   finetune
+    queries, finetuned_checkpoint ────────────────────────────┴→ query_ihvps ───────────────────┤   queries
+                                                                        influence_scores[s] ←──┘   scores
+                                 → score_tables (msif.duckdb) → attribution_report, attribution_quality   reports
+
+Each asset's ``code_version`` is a hash of the settings it declares; each carries an automation
+condition: eager (re-materialise when an upstream asset updates or a partition is added) minus the
+upstream edges that are also reached through another upstream asset (so a change flows down the graph
+once, in order), or when its code version changes.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from ..config import ExperimentConfig
+from ..sources import SOURCE_KEYS
+from . import corpus, finetune, pretrain, queries, reports, scores
+from .base import (
+    Deps,
+    Node,
+    attribution_settings,
+    automation_condition,
+    build,
+    code_version,
+    included,
+    redundant_deps,
+)
+from .base import dependency_table as _dependency_table
+from .scores import SCORES_SCHEMA, score_shard
+
+NODES: tuple[Node, ...] = (*corpus.NODES, *pretrain.NODES, *finetune.NODES, *queries.NODES, *scores.NODES,
+                           *reports.NODES)
+SOURCES = tuple(k.path[0] for k in SOURCE_KEYS)
+
+
+def dependency_table(cfg: ExperimentConfig) -> Deps:
+    """Every derived asset's upstream assets, for the configured methods."""
+    return _dependency_table(NODES, cfg, SOURCES)
+
+
+def code_versions(cfg: ExperimentConfig, embedder_name: str) -> dict[str, str]:
+    """``code_version`` of every asset of ``cfg``'s graph."""
+    return {n.name: code_version(n, cfg, embedder_name) for n in included(NODES, cfg)}
+
+
+def build_assets(cfg: ExperimentConfig, embedder_name: str = "all-MiniLM-L6-v2") -> list[dg.AssetsDefinition]:
+    """The derived assets of ``cfg`` (sources are in :mod:`msif_assets.sources`)."""
+    return build(NODES, cfg, embedder_name, SOURCES)
+
+
+__all__ = ["NODES", "SCORES_SCHEMA", "attribution_settings", "automation_condition", "build_assets",
+           "code_versions", "dependency_table", "redundant_deps", "score_shard"]

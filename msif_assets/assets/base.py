@@ -1,0 +1,270 @@
+"""How an asset is declared: a :class:`Node` per asset (its deps, partitions, settings, resources and
+code), and the :func:`asset` decorator that makes one. :func:`build` turns the nodes of an experiment
+into Dagster asset definitions; the dependency table, the code versions and the automation conditions
+are derived from the nodes, never written by hand.
+
+An asset's code is a plain function of a :class:`Step`: the Dagster context, the experiment, and the
+resources it declared (``lakehouse``, ``device``, ``embedder``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+
+from ..config import ExperimentConfig
+from ..layout import Layout
+from ..resources import DeviceResource, EmbedderResource, LakehouseResource
+
+PIPELINE_VERSION = "1"
+POOL = "msif_accelerator"  # GPU-heavy steps; cap with `concurrency: pools:` in dagster.yaml
+
+Describe = str | Callable[[ExperimentConfig, str], str]
+
+
+@dataclass(frozen=True)
+class Dep:
+    """An upstream asset; ``identity`` maps corpus shard partitions one to one onto fit shard partitions."""
+
+    asset: str
+    identity: bool = False
+
+
+@dataclass(frozen=True)
+class Node:
+    """One asset of the graph, as declared by :func:`asset`."""
+
+    name: str
+    group: str
+    fn: Callable[[Step], dg.MaterializeResult]
+    deps: tuple[Dep, ...]
+    settings: tuple[str, ...]  # the experiment settings its code version hashes
+    version_extra: Callable[[ExperimentConfig, str], str] | None
+    partitions: dg.PartitionsDefinition | None
+    description: Describe
+    kinds: tuple[str, ...]
+    heavy: bool  # runs models: in the accelerator pool
+    resources: tuple[str, ...]
+    when: Callable[[ExperimentConfig], bool] | None  # in the graph only when this holds (None: always)
+
+    def included(self, cfg: ExperimentConfig) -> bool:
+        """Whether this asset is part of ``cfg``'s graph."""
+        return self.when is None or self.when(cfg)
+
+    def describe(self, cfg: ExperimentConfig, embedder_name: str) -> str:
+        """The asset's description for ``cfg``."""
+        return self.description if isinstance(self.description, str) else self.description(cfg, embedder_name)
+
+
+def asset(name: str, group: str, description: Describe, deps: Sequence[str | Dep] = (),
+          settings: Sequence[str] = (), version_extra: Callable[[ExperimentConfig, str], str] | None = None,
+          partitions: dg.PartitionsDefinition | None = None, kinds: Sequence[str] = (), heavy: bool = False,
+          resources: Sequence[str] = ("lakehouse",),
+          when: Callable[[ExperimentConfig], bool] | None = None) -> Callable[[Callable], Node]:
+    """Declare an asset: ``@asset("corpus_shards", "corpus", "...", deps=["pretraining_corpus"], ...)`` on a
+    function of a :class:`Step`. A dep on an asset that is not in an experiment's graph is dropped."""
+
+    def wrap(fn: Callable[[Step], dg.MaterializeResult]) -> Node:
+        return Node(name, group, fn, tuple(d if isinstance(d, Dep) else Dep(d) for d in deps), tuple(settings),
+                    version_extra, partitions, description, tuple(kinds), heavy, tuple(resources), when)
+
+    return wrap
+
+
+@dataclass
+class Step:
+    """What an asset's code is given: the Dagster context, the experiment and its declared resources."""
+
+    context: dg.AssetExecutionContext
+    cfg: ExperimentConfig
+    embedder_name: str
+
+    @property
+    def key(self) -> str:
+        """The partition key being materialised."""
+        return self.context.partition_key
+
+    @property
+    def log(self):
+        """The run's logger."""
+        return self.context.log
+
+    @property
+    def lakehouse(self) -> LakehouseResource:
+        """The lakehouse resource."""
+        return self.context.resources.lakehouse
+
+    @property
+    def layout(self) -> Layout:
+        """Where every file lives."""
+        return self.lakehouse.layout
+
+    @property
+    def device(self) -> DeviceResource:
+        """The device resource (models)."""
+        return self.context.resources.device
+
+    @property
+    def embedder(self) -> EmbedderResource:
+        """The embedder resource."""
+        return self.context.resources.embedder
+
+    @property
+    def settings(self):
+        """The ``msif_core`` settings of this experiment."""
+        return attribution_settings(self.cfg)
+
+    def model_versions(self) -> tuple[str, str]:
+        """Content hashes of the pre-trained and fine-tuned checkpoints."""
+        from ..sources import checkpoint_version
+
+        return checkpoint_version(self.cfg.pretrained), checkpoint_version(self.cfg.finetuned)
+
+    def stages(self):
+        """Both checkpoints, loaded once per process (:meth:`DeviceResource.stages`)."""
+        return self.device.stages(self.cfg.pretrained, self.cfg.finetuned, self.settings, self.model_versions())
+
+
+class Timer:
+    """Seconds since creation."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        """Elapsed seconds."""
+        return time.perf_counter() - self.t0
+
+
+def fix(asset_name: str, key: str | None = None) -> str:
+    """The advice that recomputes an asset (partition)."""
+    where = f"partition {key} of {asset_name}" if key else asset_name
+    return f"rematerialise {where} (`msif run --force`, or Materialize in the Dagster UI)"
+
+
+def attribution_settings(cfg: ExperimentConfig):
+    """The ``msif_core`` settings of this experiment."""
+    from msif_core.api import AttributionSettings
+
+    f, s = cfg.factors, cfg.scores
+    return AttributionSettings(fisher=f.fisher, attention_blocks=f.attention_blocks, modules=f.modules,
+                               module_tags=dict(f.module_tags) or None,
+                               max_examples=f.max_examples, max_length=f.max_length, batch_size=f.batch_size,
+                               damping_pretrain=s.damping_pretrain, damping_finetune=s.damping_finetune,
+                               query_rank=s.query_rank, methods=s.gradient_methods)
+
+
+# ----------------------------------------------------------------------------------------------- graph
+
+Deps = dict[str, list[tuple[str, str | None]]]  # asset -> [(upstream, "identity" | None)]
+
+
+def included(nodes: Sequence[Node], cfg: ExperimentConfig) -> list[Node]:
+    """The nodes of ``cfg``'s graph, in declaration order."""
+    return [n for n in nodes if n.included(cfg)]
+
+
+def dependency_table(nodes: Sequence[Node], cfg: ExperimentConfig, sources: Sequence[str]) -> Deps:
+    """Every derived asset's upstream assets (deps on assets outside the graph dropped)."""
+    present = {n.name for n in included(nodes, cfg)} | set(sources)
+    return {n.name: [(d.asset, "identity" if d.identity else None) for d in n.deps if d.asset in present]
+            for n in included(nodes, cfg)}
+
+
+def redundant_deps(deps: Deps) -> dict[str, set[str]]:
+    """Per asset, the upstream assets that are also ancestors of another of its upstream assets.
+
+    Their updates reach the asset through that other path; reacting to them directly would
+    recompute it before the path in between has been brought up to date.
+    """
+    memo: dict[str, set[str]] = {}
+
+    def ancestors(name: str) -> set[str]:
+        if name not in memo:
+            out: set[str] = set()
+            for d, _ in deps.get(name, []):
+                out |= {d} | ancestors(d)
+            memo[name] = out
+        return memo[name]
+
+    return {name: {d for d, _ in ds if any(d in ancestors(o) for o, _ in ds if o != d)} for name, ds in deps.items()}
+
+
+def automation_condition(ignored: set[str]) -> dg.AutomationCondition:
+    """Eager minus ``ignored`` upstream assets, or a changed code version."""
+    eager = dg.AutomationCondition.eager()
+    if ignored:
+        eager = eager.ignore(dg.AssetSelection.assets(*sorted(ignored)))
+    code = (dg.AutomationCondition.code_version_changed() & ~dg.AutomationCondition.any_deps_missing()
+            & ~dg.AutomationCondition.in_progress()).with_label("code_version_changed")
+    return eager | code
+
+
+def code_version(node: Node, cfg: ExperimentConfig, embedder_name: str) -> str:
+    """The pipeline version, a hash of the settings ``node`` depends on, and of its extra version string."""
+    extra = node.version_extra(cfg, embedder_name) if node.version_extra else ""
+    tail = "-" + hashlib.sha256(extra.encode()).hexdigest()[:8] if extra else ""
+    return f"{PIPELINE_VERSION}-{cfg.digest(*node.settings)}{tail}"
+
+
+def build(nodes: Sequence[Node], cfg: ExperimentConfig, embedder_name: str,
+          sources: Sequence[str]) -> list[dg.AssetsDefinition]:
+    """Dagster asset definitions of ``cfg``'s nodes."""
+    deps = dependency_table(nodes, cfg, sources)
+    ignored = redundant_deps(deps)
+
+    def define(n: Node) -> dg.AssetsDefinition:
+        kw: dict[str, Any] = {"pool": POOL} if n.heavy else {}
+
+        @dg.asset(name=n.name, group_name=n.group, description=n.describe(cfg, embedder_name),
+                  deps=[dg.AssetDep(d, partition_mapping=dg.IdentityPartitionMapping()) if m == "identity"
+                        else dg.AssetDep(d) for d, m in deps[n.name]],
+                  partitions_def=n.partitions, code_version=code_version(n, cfg, embedder_name),
+                  automation_condition=automation_condition(ignored[n.name]), kinds=set(n.kinds) or None,
+                  required_resource_keys=set(n.resources), **kw)
+        def compute(context) -> dg.MaterializeResult:  # unannotated: the string annotation would be refused
+            return n.fn(Step(context, cfg, embedder_name))
+
+        return compute
+
+    return [define(n) for n in included(nodes, cfg)]
+
+
+# ----------------------------------------------------------------------------------------------- factors
+
+FACTOR_SETTINGS = ("factors.fisher", "factors.attention_blocks", "factors.modules", "factors.max_examples",
+                   "factors.max_length", "factors.batch_size", "factors.module_tags")
+
+
+def fingerprint_version(cfg: ExperimentConfig, embedder_name: str) -> str:
+    """Factor manifests carry the models' fingerprint: a new fingerprint definition refits them."""
+    from msif_core.models import FINGERPRINT_VERSION
+
+    return f"fingerprint-{FINGERPRINT_VERSION}"
+
+
+def factor_metadata(factors, seconds: float, path) -> dict[str, Any]:
+    """Materialisation metadata of a factor set: sizes, counts, speed and a table of its blocks."""
+    import pandas as pd
+
+    from ..markdown import md_table
+
+    rows = []
+    for name, spec in factors.specs.items():
+        lam = factors.lam[name]
+        rows.append({"module": name, "kind": spec.kind, "blocks": spec.n_blocks, "p": spec.p, "d": spec.d,
+                     "mean_lambda": float(lam.mean()), "max_lambda": float(lam.max())})
+    m = factors.manifest
+    return {"modules": len(factors.specs), "blocks": int(sum(s.n_blocks for s in factors.specs.values())),
+            "stored_floats": factors.n_floats(), "sequences": int(m.get("sequences", 0)),
+            "tokens": int(m.get("tokens", 0)), "seconds": round(seconds, 3),
+            "tokens_per_second": round(2 * int(m.get("tokens", 0)) / max(seconds, 1e-9), 1),
+            "fingerprint": str(m.get("fingerprint")), "path": dg.MetadataValue.path(str(path)),
+            "truncated_sequences": int(m.get("truncated", 0)),
+            "blocks_table": dg.MetadataValue.md(md_table(pd.DataFrame(rows)))}

@@ -1,0 +1,124 @@
+"""Scores: every candidate pair of one shard scored by every configured method (``candidates[s],
+corpus_shards[s], query_ihvps, checkpoints → influence_scores[s]``). The method logic is
+:func:`msif_core.methods.score`; the rows and their rank are :mod:`msif_core.tables`'s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from msif_core import methods as registry
+from msif_core.tables import long_table, with_rank
+
+from ..io import CorruptTableError, read_parquet_checked, write_parquet_atomic
+from ..markdown import md_table
+from ..sources import CORPUS_PARTITIONS
+from .base import Step, Timer, asset, fix
+from .corpus import read_documents
+from .queries import read_queries_table
+
+
+def _scores_schema():
+    import pyarrow as pa
+
+    return pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("method", pa.string()),
+                      ("score", pa.float64()), ("mlp_score", pa.float64()), ("mha_score", pa.float64()),
+                      ("shard_rank", pa.int64()), ("shard", pa.string()), ("candidate_distance", pa.float64()),
+                      ("damping_pretrain", pa.string()), ("damping_finetune", pa.string()),
+                      ("pretrained_version", pa.string()), ("finetuned_version", pa.string())])
+
+
+SCORES_SCHEMA = _scores_schema()  # columns of every influence_scores partition
+
+
+def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.DataFrame,
+                key: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Score one shard's candidate pairs with every configured method; the long table and metadata."""
+    from msif_core.api import encode_queries
+    from msif_core.data import encode_documents
+    from msif_core.query import QueryIHVPs
+
+    cfg, layout = step.cfg, step.layout
+    pt, ft = step.stages()
+    scored_q = qtab[qtab.scored].reset_index(drop=True)
+    cands = cands[cands.query_id.isin(set(scored_q.query_id))]
+    need = docs[docs.doc_id.isin(set(cands.doc_id))].reset_index(drop=True)
+    enc = encode_documents(pt.loaded.tokenizer, need.text.tolist(), cfg.factors.max_length)
+    kept = need.iloc[enc.kept].reset_index(drop=True)
+    md: dict[str, Any] = {"candidate_documents": len(need), "scored_documents": len(kept),
+                          "dropped_documents": len(need) - len(kept), "queries": len(scored_q),
+                          "document_tokens": enc.n_tokens, "truncated_documents": enc.n_truncated}
+    frames = []
+    dev = next(pt.model.parameters()).device
+    for m in cfg.scores.methods:
+        t = Timer()
+        kw: dict[str, Any] = {}
+        qids = scored_q.query_id.tolist()
+        if registry.get(m).gradient:
+            ih = QueryIHVPs.load(layout.ihvps(m), device=dev)
+            qids = list(ih.manifest["query_ids"])
+            if set(qids) != set(scored_q.query_id):
+                raise CorruptTableError(f"query iHVPs of {m} hold other queries than {layout.queries}. "
+                                        f"Fix: {fix('query_ihvps')}")
+            kw["ihvps"] = ih
+        elif m == "repsim":
+            qenc = encode_queries(ft, scored_q.prompt.tolist(), scored_q.completion.tolist(), cfg.factors.max_length)
+            qids = scored_q.query_id.iloc[qenc.kept].tolist()
+            kw["queries"] = qenc
+        else:
+            kw.update(query_texts=(scored_q.prompt + scored_q.completion).tolist(), corpus_texts=docs.text.tolist(),
+                      positions=pd.Index(docs.doc_id).get_indexer(kept.doc_id))
+        try:
+            res = registry.score(m, pt, ft, enc, batch_size=cfg.factors.batch_size, **kw)
+        except ValueError as e:
+            raise dg.Failure(str(e)) from e
+        if "docs_per_s" in res.timings:
+            md[f"docs_per_second/{m}"] = round(res.timings.get("docs_per_s", 0.0), 2)
+            md[f"tokens_per_second/{m}"] = round(res.timings.get("tokens", 0) / max(t.seconds, 1e-9), 1)
+        long = long_table(res.scores, kept.doc_id.tolist(), qids, m, res.mlp, res.mha)
+        frames.append(long.merge(cands[["query_id", "doc_id", "distance"]], on=["query_id", "doc_id"], how="inner"))
+        md[f"seconds/{m}"] = round(t.seconds, 3)
+    table = pd.concat(frames, ignore_index=True).rename(columns={"distance": "candidate_distance"})
+    table = with_rank(table, "shard_rank")
+    table["shard"] = key
+    damping = {m: registry.damping_columns(m, cfg.scores.damping_pretrain, cfg.scores.damping_finetune)
+               for m in cfg.scores.methods}
+    for col in ("damping_pretrain", "damping_finetune"):
+        applies = [m for m, d in damping.items() if d[col] is not None]
+        value = damping[applies[0]][col] if applies else None
+        table[col] = np.where(table.method.isin(applies), value, None)
+    table["pretrained_version"], table["finetuned_version"] = step.model_versions()
+    return table[SCORES_SCHEMA.names].reset_index(drop=True), md
+
+
+@asset("influence_scores", "scores",
+       lambda cfg, _: f"Scores of every candidate document of this shard for every query, methods "
+       f"{list(cfg.scores.methods)} (positive = supports the completion; shard_rank 1 = most supporting in the "
+       "shard).", deps=["candidates", "corpus_shards", "query_ihvps", "pretrained_checkpoint", "finetuned_checkpoint"],
+       settings=["scores.methods", "factors.max_length", "scores.damping_pretrain", "scores.damping_finetune"],
+       partitions=CORPUS_PARTITIONS, kinds=["pytorch", "parquet"], heavy=True, resources=["lakehouse", "device"])
+def influence_scores(step: Step) -> dg.MaterializeResult:
+    """One shard's score table."""
+    key, layout = step.key, step.layout
+    docs = read_documents(step, key)
+    cands = read_parquet_checked(layout.candidates(key), f"candidates of {key}", fix("candidates", key),
+                                 ("query_id", "doc_id", "distance"))
+    qtab = read_queries_table(step)
+    t = Timer()
+    table, md = score_shard(step, docs, cands, qtab, key)
+    bad = int((~np.isfinite(table.score.to_numpy(dtype=float))).sum())
+    if bad:
+        step.log.warning(f"{key}: {bad} non-finite scores (see the scores_finite check)")
+    path = write_parquet_atomic(table, layout.scores(key), schema=SCORES_SCHEMA)
+    md.update({"rows": len(table), "dagster/row_count": len(table), "seconds": round(t.seconds, 3),
+               "path": dg.MetadataValue.path(str(path)), "non_finite_scores": bad})
+    first = table[(table.query_id == table.query_id.iloc[0]) & (table.shard_rank <= 5)] if len(table) else table
+    md["top_in_shard_for_first_query"] = dg.MetadataValue.md(
+        md_table(first[["method", "shard_rank", "doc_id", "score"]].sort_values(["method", "shard_rank"])))
+    return dg.MaterializeResult(metadata=md)
+
+
+NODES = (influence_scores,)

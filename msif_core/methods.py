@@ -1,0 +1,135 @@
+"""The scoring methods by name: what each needs and which model scores the documents (SPEC section 1).
+
+============  =========================================================================================
+``ms_if``     multi-stage influence: ∇m(x; θ_ft)ᵀ P_ft P_pt ∇ℓ(z; θ_pt) — both stages' EK-FAC
+``ss_if``     single-stage influence on θ_ft: ∇m(x; θ_ft)ᵀ P_ft ∇ℓ(z; θ_ft) — fine-tune EK-FAC only
+``gdp``       gradient dot product ∇m(x; θ_ft)ᵀ ∇ℓ(z; θ_pt) — no factors
+``repsim``    cosine of mean-pooled last hidden states, θ_pt on documents, θ_ft on queries
+``bm25``      BM25 of the query text (prompt + completion) against each document's words
+============  =========================================================================================
+
+Everything that asks "does this method need X" asks :data:`METHODS`; :func:`score` is the one place a
+method name becomes scores, used by the API and the pipeline alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .data import Encoded
+    from .query import QueryIHVPs
+    from .stages import Stage
+
+
+@dataclass(frozen=True)
+class Method:
+    """One scoring method."""
+
+    name: str
+    summary: str
+    gradient: bool  # scored from query iHVPs (measurement gradients of the queries on θ_ft)
+    pretrain_factors: bool  # preconditions with P_pt
+    finetune_factors: bool  # preconditions with P_ft
+    document_model: str  # "pretrained" | "finetuned" | "" (text only): the model that sees the documents
+    parts: bool = False  # reports MLP and attention shares of its score
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("ms_if", "multi-stage influence (EK-FAC of both stages)", True, True, True, "pretrained", True),
+    Method("ss_if", "single-stage influence on the fine-tuned model", True, False, True, "finetuned", True),
+    Method("gdp", "gradient dot product", True, False, False, "pretrained", True),
+    Method("repsim", "representation similarity (mean-pooled hidden states)", False, False, False, "pretrained"),
+    Method("bm25", "BM25 word overlap of query and document", False, False, False, ""),
+)}
+ALL_METHODS: tuple[str, ...] = tuple(METHODS)
+GRADIENT_METHODS: tuple[str, ...] = tuple(m for m, d in METHODS.items() if d.gradient)
+
+
+def get(name: str) -> Method:
+    """The method called ``name`` (a ValueError lists the known ones)."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; known: {list(ALL_METHODS)}") from None
+
+
+def needs_pretrain_factors(methods: Iterable[str]) -> bool:
+    """Whether any of ``methods`` preconditions with the pre-trained model's EK-FAC."""
+    return any(get(m).pretrain_factors for m in methods)
+
+
+def needs_finetune_factors(methods: Iterable[str]) -> bool:
+    """Whether any of ``methods`` preconditions with the fine-tuned model's EK-FAC."""
+    return any(get(m).finetune_factors for m in methods)
+
+
+def damping_columns(method: str, damping_pretrain: float | str, damping_finetune: float | str) -> dict[str, str | None]:
+    """The damping a method's scores were computed with (None where it does not apply), as strings."""
+    m = get(method)
+    return {"damping_pretrain": str(damping_pretrain) if m.pretrain_factors else None,
+            "damping_finetune": str(damping_finetune) if m.finetune_factors else None}
+
+
+@dataclass
+class MethodScores:
+    """Scores [documents, queries] of one method (positive = supports the completion), with the MLP and
+    attention shares for gradient methods, and timings."""
+
+    scores: np.ndarray
+    mlp: np.ndarray | None = None
+    mha: np.ndarray | None = None
+    timings: dict = field(default_factory=dict)
+
+
+def score(method: str, pt: Stage, ft: Stage, documents: Encoded, *, ihvps: QueryIHVPs | None = None,
+          queries: Encoded | None = None, query_texts: Sequence[str] | None = None,
+          corpus_texts: Sequence[str] | None = None, positions: Sequence[int] | None = None,
+          batch_size: int = 8) -> MethodScores:
+    """Scores of ``documents`` (encoded with θ_pt's tokenizer) for the queries, by ``method``.
+
+    Gradient methods need ``ihvps`` (their query iHVPs); ``repsim`` the encoded ``queries``; ``bm25`` the
+    ``query_texts`` and the ``corpus_texts`` its word statistics come from, with ``positions`` of the
+    scored documents among them (default: all of them, in order).
+    """
+    from .scoring import score_documents
+
+    m = get(method)
+    if m.gradient:
+        if ihvps is None:
+            raise ValueError(f"{method} scores from query iHVPs; pass ihvps=")
+        if ihvps.method != method:
+            raise ValueError(f"query iHVPs of {ihvps.method} cannot score {method}")
+        stage = ft if m.document_model == "finetuned" else pt
+        if m.document_model == "finetuned" and ft.loaded.task != "causal_lm":
+            raise ValueError(f"{method} scores documents with the fine-tuned model's language-model loss; a "
+                             "fine-tune with a classification head has none: use ms_if or gdp")
+        res = score_documents(stage.model, ihvps, documents, batch_size, stage.pad_id)
+        return MethodScores(res.scores, res.part("mlp"), res.part("mha"), dict(res.timings))
+    if method == "repsim":
+        from .baselines import repsim_scores
+
+        if queries is None:
+            raise ValueError("repsim needs the encoded queries; pass queries=")
+        return MethodScores(repsim_scores(ft.model, pt.model, pt.loaded.tokenizer, documents, queries,
+                                          batch_size=batch_size))
+    if method == "bm25":
+        from .baselines import bm25_scores
+
+        if query_texts is None or corpus_texts is None:
+            raise ValueError("bm25 needs query_texts= and corpus_texts=")
+        s = bm25_scores(list(corpus_texts), list(query_texts))
+        return MethodScores(s if positions is None else s[np.asarray(positions, dtype=np.int64)])
+    raise ValueError(f"no scorer for method {method!r}")  # pragma: no cover - every registered method has one
+
+
+def headline(methods: Iterable[str]) -> str:
+    """The method a summary shows when it shows one: MS-IF when present, else the first by name."""
+    methods = sorted(set(methods))
+    if not methods:
+        raise ValueError("no method to show")
+    return "ms_if" if "ms_if" in methods else methods[0]

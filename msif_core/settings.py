@@ -1,0 +1,87 @@
+"""Every setting of an attribution, defined once: its name, type, default, allowed values and help.
+
+- :class:`FactorSettings` — how the EK-FAC factors of both stages are fitted (``[factors]`` of an
+  experiment file);
+- :class:`ScoreSettings` — which methods score, with which damping and query rank (``[scores]``).
+
+The experiment file is validated from these fields (``msif_assets.config``), the API's
+:class:`msif_core.api.AttributionSettings` is made of them, and the pipeline's code versions hash them by
+their ``section.name``. A field's ``metadata`` carries ``help`` and, where they apply, ``choices`` and
+``minimum``; :func:`describe` lists them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from .methods import ALL_METHODS, needs_finetune_factors, needs_pretrain_factors
+
+
+def setting(default: Any, help: str, choices: tuple | None = None, minimum: int | None = None) -> Any:
+    """A dataclass field with its help text (and allowed values or lower bound)."""
+    meta: dict[str, Any] = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if minimum is not None:
+        meta["minimum"] = minimum
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple for a sequence default")
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class FactorSettings:
+    """``[factors]``: how the EK-FAC factors of both stages are fitted."""
+
+    fisher: str = setting("true", "'true' samples targets from the model; 'empirical' uses the data's tokens",
+                          choices=("true", "empirical"))
+    attention_blocks: str = setting("per_head", "'per_head' (one block per head and role) or 'fused'",
+                                    choices=("per_head", "fused"))
+    modules: str = setting("all", "'all' or 'mlp' (MLP projections only)", choices=("all", "mlp"))
+    max_examples: int = setting(100_000, "cap on sequences per factor fit", minimum=1)
+    max_length: int = setting(512, "tokens per sequence; longer ones are truncated", minimum=2)
+    batch_size: int = setting(8, "sequences per forward/backward pass", minimum=1)
+    module_tags: tuple[tuple[str, str], ...] = setting(
+        (), "for architectures msif does not know: (module name, 'mlp' | 'mha') pairs, each module one block; "
+            "replaces the automatic discovery")
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """``[scores]``: which methods score, with which damping and query rank."""
+
+    methods: tuple[str, ...] = setting(ALL_METHODS, "methods to score with (see msif_core.methods)")
+    damping_pretrain: float | str = setting(1e-4, "λ of P_pt: a number, or 'relative:c' (c x mean eigenvalue)")
+    damping_finetune: float | str = setting(1e-4, "λ of P_ft: a number, or 'relative:c' (c x mean eigenvalue)")
+    query_rank: int = setting(0, "0 exact; r > 0 keeps rank-r query iHVPs", minimum=0)
+
+    @property
+    def gradient_methods(self) -> tuple[str, ...]:
+        """The methods that need query iHVPs, in the configured order."""
+        from .methods import METHODS
+
+        return tuple(m for m in self.methods if METHODS[m].gradient)
+
+    @property
+    def needs_finetune_factors(self) -> bool:
+        """Whether a configured method preconditions with the fine-tuned model's EK-FAC."""
+        return needs_finetune_factors(self.methods)
+
+    @property
+    def needs_pretrain_factors(self) -> bool:
+        """Whether a configured method preconditions with the pre-trained model's EK-FAC."""
+        return needs_pretrain_factors(self.methods)
+
+
+def default_of(cls: type, name: str) -> Any:
+    """The default of setting ``name`` of ``cls``."""
+    for f in fields(cls):
+        if f.name == name:
+            return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    raise KeyError(f"{cls.__name__} has no setting {name!r}")
+
+
+def describe(cls: type) -> list[tuple[str, Any, str]]:
+    """(name, default, help) of every setting of ``cls``, in order."""
+    return [(f.name, f.default, f.metadata.get("help", "")) for f in fields(cls)]

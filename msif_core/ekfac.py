@@ -13,6 +13,10 @@ runs a second forward/backward only for the batches that did not fit; the result
 
 Per module, the stored factors are ``Q_A`` [d, d], ``Q_S`` [blocks, p, p] and ``Λ`` [blocks, p, d]:
 d² + Σ p² + d·P numbers. Damping is added only when preconditioning, never into ``Λ``.
+
+Why one file of ~650 lines: the fit passes and :class:`Factors` share the rotation helpers
+(``_rotate``, ``_rotate_tokens``, ``_per_sequence_branch``: the Λ pass and query preconditioning apply the
+same rotation), and the file reads top to bottom as SPEC section 3, from the sums to their use.
 """
 
 from __future__ import annotations

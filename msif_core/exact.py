@@ -23,6 +23,10 @@ query x's target (completion) tokens; positive = z supports x's completion (rank
 
 Flat parameter vectors follow the order of the given ``param_names`` (each tensor flattened row-major).
 Only causal-LM targets (``Encoded.loss_mask``) are supported, not classification labels.
+
+Why one file of ~500 lines: every brute-force reference (Gauss-Newton products, CG, the
+explicit block inverses) is short and they are used together by the tests and the approximation bench;
+apart they would only import each other.
 """
 
 from __future__ import annotations

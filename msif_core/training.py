@@ -15,6 +15,10 @@ Sequence conventions (the influence code relies on them, SPEC section 1):
 Encoding is :mod:`msif_core.data`'s (``encode_documents``, ``encode_pairs``). Training loss is the mean
 over the batch's target tokens.  The learning-rate schedule (linear
 warm-up, then cosine or linear decay) is stepped after EVERY optimiser step (SPEC section 5).
+
+Why one file of ~490 lines: tokenizer, model construction, the two training stages and greedy
+answering share the batching and loss conventions above; the demo build (:mod:`msif_demo.build`), the
+benches and the query assets' answers all use them.
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ from .base import (
     automation_condition,
     build,
     code_version,
-    included,
     redundant_deps,
 )
 from .base import dependency_table as _dependency_table
@@ -47,8 +46,9 @@ def dependency_table(cfg: ExperimentConfig) -> Deps:
 
 
 def code_versions(cfg: ExperimentConfig, embedder_name: str) -> dict[str, str]:
-    """``code_version`` of every asset of ``cfg``'s graph."""
-    return {n.name: code_version(n, cfg, embedder_name) for n in included(NODES, cfg)}
+    """``code_version`` of every asset (whether or not ``cfg``'s graph includes it: it depends only on the
+    settings the asset declares)."""
+    return {n.name: code_version(n, cfg, embedder_name) for n in NODES}
 
 
 def build_assets(cfg: ExperimentConfig, embedder_name: str = "all-MiniLM-L6-v2") -> list[dg.AssetsDefinition]:

@@ -31,6 +31,7 @@ from helpers.core import (
 from helpers.scoring import DAMP_FT, DAMP_PT, FULL_RANK, world
 
 from msif_core.api import AttributionSettings, attribute, fit_stage_factors, load_stages, score_method
+from msif_core.baselines import bm25_scores, repsim_scores
 from msif_core.data import encode_documents, encode_pairs
 from msif_core.ekfac import Factors, fit_ekfac
 from msif_core.models import discover_blocks, discover_modules, fingerprint
@@ -386,6 +387,20 @@ def test_attribute_end_to_end(tmp_path, device):
     gdp_only = AttributionSettings(batch_size=3, max_length=16, methods=("gdp",))
     assert set(attribute(tmp_path / "pt", tmp_path / "ft", documents, [], qs, gdp_only, device=device).method) == {
         "gdp"}
+    # the text and representation baselines through the same call (msif_core.methods.score)
+    baselines = attribute(tmp_path / "pt", tmp_path / "ft", documents, [], qs,
+                          AttributionSettings(batch_size=3, max_length=16, methods=("bm25", "repsim")), device=device)
+    enc_q = encode_pairs(tok, [p for _, p, _ in qs], [c for _, _, c in qs], 16)
+    want_text = {"bm25": bm25_scores([t for _, t in documents], [p + c for _, p, c in qs]),
+                 "repsim": repsim_scores(ft, pt, tok, enc_docs, enc_q, batch_size=3)}
+    for method, w in want_text.items():
+        got = baselines[baselines.method == method].pivot(index="doc_id", columns="query_id", values="score")
+        np.testing.assert_allclose(got.loc[[d for d, _ in documents], [q for q, _, _ in qs]].to_numpy(), w,
+                                   rtol=1e-5, atol=1e-6, err_msg=method)  # float32 models in attribute()
+        assert baselines[baselines.method == method].mlp_score.isna().all()
+    with pytest.raises(ValueError, match="unknown method 'ms-if'"):
+        attribute(tmp_path / "pt", tmp_path / "ft", documents, finetuning, qs,
+                  AttributionSettings(methods=("ms-if",)), device=device)
     for method, w in want.items():
         t = table[table.method == method]
         got = t.pivot(index="doc_id", columns="query_id", values="score").loc[[d for d, _ in documents],

@@ -30,6 +30,7 @@ from scipy.stats import pearsonr, spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from msif_core.checkpoints import load_model  # noqa: E402
 from msif_core.data import Encoded, encode_documents  # noqa: E402
 from msif_core.ekfac import FitSettings, fit_ekfac  # noqa: E402
 from msif_core.exact import (  # noqa: E402
@@ -39,7 +40,7 @@ from msif_core.exact import (  # noqa: E402
     score_candidates,
     sequence_gradients,
 )
-from msif_core.models import discover_modules, load_model  # noqa: E402
+from msif_core.models import discover_modules  # noqa: E402
 from msif_core.query import measurement_gradients, query_ihvps  # noqa: E402
 from msif_core.scoring import score_documents  # noqa: E402
 

@@ -3,7 +3,7 @@
 1. Overhead: the whole pipeline (``msif run --force`` on the demo world: 5 methods, every document
    scored) against the same computation called directly on ``msif_core`` in memory (same checkpoints,
    data, settings, embeddings; no Dagster, no files). Target: at most 10% more.
-2. SQL: ``sql/top_k_per_query.sql`` (k = 10) over 10 million synthetic score rows in 4 shard files,
+2. SQL: ``msif_assets/sql/top_k_per_query.sql`` (k = 10) over 10 million synthetic score rows in 4 shard files,
    through the ``msif.duckdb`` views. Target: under a second.
 
 Run:  .venv/bin/python bench/bench_pipeline.py [--skip-overhead] [--skip-sql] [--rows 10000000]
@@ -84,8 +84,7 @@ def direct(cfg) -> dict:
         ids = shard.doc_id.iloc[enc.kept].tolist()
         for m in cfg.scores.methods:
             res = registry.score(m, pt, ft, enc, ihvps=ihvps.get(m), queries=qenc, batch_size=s.batch_size,
-                                 query_texts=(q.prompt + q.completion).tolist(), corpus_texts=shard.text.tolist(),
-                                 positions=enc.kept)
+                                 query_texts=(q.prompt + q.completion).tolist(), corpus_texts=shard.text.tolist())
             rows += len(scores_table(res, m, ids, qids)) if m in ihvps else res.scores.size
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "rows": rows}
 

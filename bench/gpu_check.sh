@@ -2,7 +2,7 @@
 # The GPU checks, in one go, on a machine with a CUDA GPU and PyTorch + transformers installed
 # (kronfluence and einconv wheels in .whl/ if that machine lacks them):
 #   OUT=bench/out bash bench/gpu_check.sh
-# 1. the CUDA tests (tests/test_core_cuda.py, and the one-call API on the GPU in tests/test_core_scoring.py);
+# 1. the CUDA tests (tests/core/test_cuda.py, and the one-call API on the GPU in tests/core/test_scoring.py);
 # 2. bench/bench_core.py on the GPU, with kronfluence on the same GPU, for the three model sizes.
 set -o pipefail
 OUT=${OUT:-bench/out}
@@ -14,8 +14,8 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_core_cuda.py \
-  tests/test_core_scoring.py -k "cuda or gpu" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/core/test_cuda.py \
+  tests/core/test_scoring.py -k "cuda or gpu" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 timeout "${BENCH_TIMEOUT:-330}" python3 bench/bench_core.py --device cuda --sizes "${SIZES:-small,large,base}" \
   --lengths 512,128 --docs "${DOCS:-128}" --cache-mib 16384 --out "$OUT/core_gpu.json" 2>&1 | tee "$OUT/core_gpu.log" \
   | grep -v '^{'

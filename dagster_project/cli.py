@@ -107,9 +107,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     """``msif run``."""
     _quiet()
     import dagster as dg
+    import duckdb
 
     from msif_assets.build import build_definitions
-    from msif_assets.config import ConfigError, check_inputs
+    from msif_assets.config import ConfigError
+    from msif_assets.io import CorruptTableError
+    from msif_assets.lock import LakehouseBusy, locked
+    from msif_assets.preflight import preflight
     from msif_assets.runner import Pipeline
 
     from .demo import ensure_demo_world, load_experiment
@@ -122,27 +126,39 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"No experiment file given: using the demo world under {cfg.root}")
             ensure_demo_world(cfg)
         t_world = time.perf_counter() - t_world
-        check_inputs(cfg)
+        notes = preflight(cfg)
     except ConfigError as e:
         print(f"msif: configuration error: {e}", file=sys.stderr)
         return 2
     print(f"Experiment: {cfg.source or 'demo'}\nLakehouse:  {cfg.root}\nMethods:    {', '.join(cfg.scores.methods)}")
-    defs = build_definitions(cfg)
-    home = instance_dir(cfg.root)
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else \
-        dg.DagsterInstance.local_temp(tempdir=str(home))
-    pipe = Pipeline(defs, instance, cfg, echo=print)
-    res = pipe.materialize_all() if args.force else pipe.update()
+    for n in notes:
+        print(f"note: {n}")
+    try:
+        with locked(cfg.root, wait=not args.no_wait, on_wait=lambda m: print(f"msif: {m}", flush=True)):
+            defs = build_definitions(cfg)
+            home = instance_dir(cfg.root)
+            instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else \
+                dg.DagsterInstance.local_temp(tempdir=str(home))
+            # failures are printed once by the pipeline (their root cause); Dagster's own console logger would
+            # repeat each with its traceback (all of it stays in the run logs of the instance)
+            pipe = Pipeline(defs, instance, cfg, echo=print, log_level="CRITICAL")
+            res = pipe.materialize_all() if args.force else pipe.update()
+    except LakehouseBusy as e:
+        print(f"msif: {e}", file=sys.stderr)
+        return 3
     n_ok = sum(r.success for r in res.runs)
     print(f"\n{n_ok} runs succeeded, {len(res.failures)} failed, in {res.seconds:.1f}s"
           + ("" if res.runs else " (everything was up to date)"))
     if res.failures:
-        for r in res.failures:
-            print(f"  FAILED {', '.join(r.assets)}{f' [{r.partition}]' if r.partition else ''}: {r.error}",
-                  file=sys.stderr)
+        names = [f"{', '.join(r.errors_in)}{f' [{r.partition}]' if r.partition else ''}" for r in res.failures]
+        print(f"msif: failed: {'; '.join(names)} (the error is on its FAIL line above); fix it and run `msif run` "
+              f"again: it redoes only what failed and what depends on it", file=sys.stderr)
     try:
+        if res.failures and Path(cfg.root, "msif.duckdb").exists():
+            print("\nThe results below are those of an EARLIER run: the steps above that failed or were skipped "
+                  "did not update them.")
         _print_summary(cfg, n_queries=args.queries)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CorruptTableError, duckdb.Error) as e:
         print(f"no results to show: {e}", file=sys.stderr)
         return 1
     print(_time_summary(res.runs, t_world if cfg.is_demo else 0.0))
@@ -167,14 +183,16 @@ def _time_summary(runs: list, world_s: float) -> str:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     """``msif ui``: ``dagster dev`` on the experiment, sharing ``msif run``'s instance."""
-    from msif_assets.config import ConfigError, check_inputs
+    from msif_assets.config import ConfigError
+    from msif_assets.preflight import preflight
 
     from .demo import ensure_demo_world, load_experiment
 
     try:
         cfg = load_experiment(args.path, check_files=False)
         ensure_demo_world(cfg)  # before the UI starts, so the code server loads fast
-        check_inputs(cfg)
+        for n in preflight(cfg):
+            print(f"note: {n}")
     except ConfigError as e:
         print(f"msif: configuration error: {e}", file=sys.stderr)
         return 2
@@ -196,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", nargs="?", help="experiment TOML (default: $MSIF_CONFIG, else the demo world)")
     p.add_argument("--force", action="store_true", help="recompute every asset, not only what is stale")
     p.add_argument("--queries", type=int, default=3, help="test questions to show (default 3)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="refuse (exit 3) instead of waiting when another msif run holds the lakehouse")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on the experiment")
     p.add_argument("path", nargs="?", help="experiment TOML (default: $MSIF_CONFIG, else the demo world)")

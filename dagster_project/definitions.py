@@ -17,12 +17,15 @@ import dagster as dg
 @dg.definitions
 def defs() -> dg.Definitions:
     """The experiment's assets, checks, sensors and resources (the demo world built first if needed)."""
+    import logging
+
     from msif_assets.build import build_definitions
-    from msif_assets.config import check_inputs
+    from msif_assets.preflight import preflight
 
     from .demo import ensure_demo_world, load_experiment
 
     cfg = load_experiment(check_files=False)
     ensure_demo_world(cfg)
-    check_inputs(cfg)
+    for note in preflight(cfg):  # every input check that needs no model, before any run
+        logging.getLogger("msif_assets").warning(note)
     return build_definitions(cfg)

@@ -1,4 +1,5 @@
-"""Asset checks: finite factors, Λ ≥ 0, finite scores, every query has its rows (and no duplicates).
+"""Asset checks: finite factors, Λ ≥ 0, finite scores, every query has its rows (and no duplicates), and
+every asset partition's files are those its latest materialisation recorded (``outputs_intact``).
 
 The check logic is in plain functions (``factors_problems``, ``score_problems``) that return a list of
 problems, so it can be tested on bad files directly; the Dagster checks wrap them.
@@ -111,4 +112,26 @@ def build_checks(cfg: ExperimentConfig, asset_names: set[str]) -> list[dg.AssetC
     def no_duplicate_rows() -> dg.AssetCheckResult:
         return _result(score_problems(layout)["duplicates"], "no duplicates")
 
-    return checks + [scores_finite, every_query_has_its_rows, no_duplicate_rows]
+    @dg.asset_check(asset="score_tables", name="outputs_intact",
+                    description="Every asset partition's files are those its latest materialisation wrote "
+                                "(none deleted or altered since); `msif run` recomputes any that are not.")
+    def outputs_intact(context) -> dg.AssetCheckResult:  # unannotated: the string annotation is refused
+        stale = outputs_problems(context.instance, cfg, asset_names)
+        return _result([f"{k.to_user_string()}{f'[{p}]' if p else ''}: {why}" for (k, p), why in stale.items()],
+                       "every output is as written")
+
+    return checks + [scores_finite, every_query_has_its_rows, no_duplicate_rows, outputs_intact]
+
+
+def outputs_problems(instance: dg.DagsterInstance, cfg: ExperimentConfig, asset_names: set[str]) -> dict:
+    """(asset key, partition) → why, for every materialised asset partition whose files changed."""
+    from .assets import NODES
+    from .outputs import stale_units
+
+    units = []
+    for n in NODES:
+        if n.name not in asset_names:
+            continue
+        parts = sorted(instance.get_dynamic_partitions(n.partitions.name)) if n.partitions is not None else [None]
+        units += [(dg.AssetKey(n.name), p) for p in parts]
+    return stale_units(instance, units, cfg.root)

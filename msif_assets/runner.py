@@ -43,6 +43,8 @@ class RunRecord:
     run_id: str
     error: str | None = None
     step_seconds: float = 0.0  # time inside the steps (asset code, checks); the rest is Dagster's own
+    failed_assets: list[str] = field(default_factory=list)  # the assets of the run that did not materialise
+    errors_in: list[str] = field(default_factory=list)  # the assets whose own step raised (the root causes)
 
 
 @dataclass
@@ -53,11 +55,13 @@ class UpdateResult:
     runs: list[RunRecord] = field(default_factory=list)
     ticks: int = 0
     seconds: float = 0.0
+    stale: dict[tuple[str, str | None], str] = field(default_factory=dict)  # outputs deleted/altered -> why
+    skipped: list[tuple[str, str | None]] = field(default_factory=list)  # downstream of a failure, not run
 
     @property
     def materialized(self) -> set[tuple[str, str | None]]:
         """(asset, partition) pairs materialised successfully."""
-        return {(a, r.partition) for r in self.runs if r.success for a in r.assets}
+        return {(a, r.partition) for r in self.runs for a in r.assets if a not in r.failed_assets}
 
     @property
     def failures(self) -> list[RunRecord]:
@@ -131,6 +135,43 @@ class Pipeline:
                 out |= {(p, part)} if part in pparts else set()
         return out
 
+    def downstream_units(self, units: Iterable[Unit]) -> set[Unit]:
+        """Every (asset, partition) unit downstream of ``units``, at all levels."""
+        start = set(units)
+        out: set[Unit] = set()
+        frontier = set(start)
+        while frontier:
+            key, part = frontier.pop()
+            for c in self.graph.get(key).child_keys:
+                if c not in self.assets:
+                    continue
+                cparts = self.partitions_of(c)
+                if cparts == [None]:
+                    kids = {(c, None)}
+                elif part is None:
+                    kids = {(c, q) for q in cparts}
+                else:
+                    kids = {(c, part)} if part in cparts else set()
+                new = kids - out - start
+                out |= new
+                frontier |= new
+        return out
+
+    def stale_outputs(self) -> dict[Unit, str]:
+        """Units whose latest materialisation's files were deleted or altered since (:mod:`.outputs`)."""
+        from .outputs import stale_units
+
+        return stale_units(self.instance, self.all_units(), self.cfg.root)
+
+    def _report_skipped(self, res: UpdateResult, skipped: set[Unit]) -> None:
+        if not skipped:
+            return
+        rank = {k: i for i, k in enumerate(self._order)}
+        units = sorted(skipped, key=lambda u: (rank[u[0]], u[1] or ""))
+        res.skipped = [(k.to_user_string(), p) for k, p in units]
+        self.echo(f"  skipped {len(units)} step(s) downstream of the failure: "
+                  + ", ".join(f"{k.to_user_string()}{f' [{p}]' if p else ''}" for k, p in units))
+
     def all_units(self) -> list[Unit]:
         """Every (asset, partition) of the graph."""
         return [(k, p) for k in self._order for p in self.partitions_of(k)]
@@ -149,11 +190,13 @@ class Pipeline:
         return out
 
     # ---------------------------------------------------------------------------------- execution
-    def execute(self, units: Iterable[Unit]) -> list[RunRecord]:
-        """Materialise ``units`` in dependency order; a failed unit's downstream units are skipped."""
+    def execute(self, units: Iterable[Unit], skipped: set[Unit] | None = None) -> list[RunRecord]:
+        """Materialise ``units`` in dependency order; a failed unit's downstream units are skipped (added to
+        ``skipped``)."""
         pending = set(units)
         records: list[RunRecord] = []
         failed: set[Unit] = set()
+        skipped = skipped if skipped is not None else set()
         rank = {k: i for i, k in enumerate(self._order)}
         while pending:
             ready = [u for u in pending if not (self.upstream_units(u) & pending)]
@@ -172,15 +215,17 @@ class Pipeline:
                         group.add(u)
                         grew = True
             pending -= group
-            if any(self.upstream_units(u) & failed for u in group):
-                failed |= group
-                self.echo(f"  skipped {', '.join(sorted(k.to_user_string() for k, _ in group))}"
-                          f"{f' [{part}]' if part else ''}: an upstream step failed")
+            if any(self.upstream_units(u) & (failed | skipped) for u in group):  # pragma: no cover - blocked below
+                skipped |= group
                 continue
             rec = self._run([k for k, _ in sorted(group, key=lambda u: rank[u[0]])], part)
             records.append(rec)
-            if not rec.success:
-                failed |= group
+            if rec.failed_assets:
+                bad = {(dg.AssetKey(a), part) for a in rec.failed_assets}
+                failed |= bad
+                blocked = self.downstream_units(bad) & pending  # all levels, never run on missing inputs
+                skipped |= blocked | (bad - {(dg.AssetKey(a), part) for a in rec.errors_in})
+                pending -= blocked
         return records
 
     def _run(self, keys: list[dg.AssetKey], partition: str | None) -> RunRecord:
@@ -195,16 +240,28 @@ class Pipeline:
             tags={"msif/driver": "msif run"})
         secs = time.perf_counter() - t0
         err = None
+        done = {e.asset_key.to_user_string() for e in result.all_events
+                if e.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION and e.asset_key is not None}
+        failed = [n for n in names if n not in done] if not result.success else []
+        errored = {e.step_key for e in result.all_events if e.is_step_failure}
         if not result.success:
             msgs = [_root_cause(e.event_specific_data.error) for e in result.all_events
                     if e.is_step_failure and e.event_specific_data and e.event_specific_data.error]
             err = " | ".join(msgs) or "run failed"
+            failed = failed or names
         step_s = sum(e.event_specific_data.duration_ms / 1000 for e in result.all_events
                      if e.event_type == dg.DagsterEventType.STEP_SUCCESS and e.event_specific_data)
-        label = f"{', '.join(names)}{f' [{partition}]' if partition else ''}"
-        status = "ok  " if result.success else "FAIL"
-        self.echo(f"  {status} {label} ({secs:.1f}s)" + (f"\n       {err}" if err else ""))
-        return RunRecord(partition, names, result.success, secs, result.run_id, err, step_s)
+        where = f" [{partition}]" if partition else ""
+        if result.success:
+            line = f"  ok   {', '.join(names)}{where} ({secs:.1f}s)"
+        else:
+            ok = [n for n in names if n not in failed]
+            root = [n for n in failed if n in errored] or failed
+            line = (f"  FAIL {', '.join(root)}{where} ({secs:.1f}s)" + (f"; ok: {', '.join(ok)}" if ok else "")
+                    + f"\n       {err}")
+        self.echo(line)
+        return RunRecord(partition, names, result.success, secs, result.run_id, err, step_s, failed,
+                         [n for n in failed if n in errored] or failed)
 
     # ---------------------------------------------------------------------------------- automation
     def _load_cursor(self):
@@ -230,23 +287,35 @@ class Pipeline:
         return sync_sources(self.instance, self.cfg)
 
     def update(self, max_ticks: int = 40, include_missing: bool = True) -> UpdateResult:
-        """Bring every asset up to date with its sources: the automation loop, synchronously."""
+        """Bring every asset up to date with its sources: the automation loop, synchronously. Units whose
+        outputs were deleted or altered are recomputed too; nothing downstream of a failure runs."""
         t0 = time.perf_counter()
         res = UpdateResult(sync=self.sync())
         self.echo(f"sources: {res.sync.summary()}")
+        stale = self.stale_outputs()
+        for (k, p), why in sorted(stale.items(), key=lambda kv: (kv[0][0].to_user_string(), kv[0][1] or "")):
+            self.echo(f"  stale {k.to_user_string()}{f' [{p}]' if p else ''}: {why}; recomputing it")
+            res.stale[(k.to_user_string(), p)] = why
         failed: set[Unit] = set()
-        for _ in range(max_ticks):
+        skipped: set[Unit] = set()
+        for tick in range(max_ticks):
             res.ticks += 1
             want = self.evaluate()
             if include_missing:
                 want |= self.missing_units()
-            want -= failed
+            if tick == 0:
+                want |= set(stale)
+            blocked = self.downstream_units(failed)
+            skipped |= want & blocked
+            want -= failed | blocked
             if not want:
                 break
-            recs = self.execute(want)
+            recs = self.execute(want, skipped)
             res.runs += recs
-            failed |= {(dg.AssetKey(a), r.partition) for r in recs if not r.success for a in r.assets}
-            failed |= {u for u in want if self.upstream_units(u) & failed}
+            failed |= {(dg.AssetKey(a), r.partition) for r in recs for a in r.failed_assets}
+        done = {(dg.AssetKey(a), p) for a, p in res.materialized}
+        roots = {(dg.AssetKey(a), r.partition) for r in res.runs for a in r.errors_in}
+        self._report_skipped(res, skipped - roots - done)
         res.seconds = time.perf_counter() - t0
         return res
 
@@ -256,7 +325,9 @@ class Pipeline:
         res = UpdateResult(sync=self.sync())
         self.echo(f"sources: {res.sync.summary()}")
         self.evaluate()  # start the automation cursor, so later updates compare against this state
-        res.runs = self.execute(self.all_units())
+        skipped: set[Unit] = set()
+        res.runs = self.execute(self.all_units(), skipped)
+        self._report_skipped(res, skipped - {(dg.AssetKey(a), r.partition) for r in res.runs for a in r.errors_in})
         self.evaluate()  # consume the updates this run made (they are not changes to react to)
         res.seconds = time.perf_counter() - t0
         return res

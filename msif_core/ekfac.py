@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from .data import Encoded, iter_batches
@@ -543,7 +543,7 @@ class Factors:
         if not mpath.exists() or not fpath.exists():
             raise FileNotFoundError(f"{directory} holds no EK-FAC factors (manifest.json + factors.safetensors); "
                                     f"fit them first")
-        manifest = json.loads(mpath.read_text())
+        manifest = read_json(mpath)
         if manifest.get("format") != FACTORS_FORMAT:
             raise ValueError(f"{mpath}: unknown factors format {manifest.get('format')!r}")
         if expect_fingerprint is not None and manifest.get("fingerprint_version", 1) != FINGERPRINT_VERSION:
@@ -555,7 +555,7 @@ class Factors:
             raise ValueError(
                 f"factors in {directory} were fitted on another model (fingerprint "
                 f"{manifest.get('fingerprint')}, this model is {expect_fingerprint}); refit them")
-        t = load_file(str(fpath), device=str(device))
+        t, _ = read_tensors(fpath, device)
         specs = {d["name"]: ModuleSpec.from_json(d) for d in manifest["modules"]}
         return Factors(specs, {n: t[f"q_a/{n}"] for n in specs}, {n: t[f"q_s/{n}"] for n in specs},
                        {n: t[f"lam/{n}"] for n in specs}, manifest)
@@ -648,15 +648,38 @@ def save_tensor_dir(directory: str | Path, tensor_file: str, tensors: dict[str, 
     return directory
 
 
-def _read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+class UnreadableFileError(ValueError):
+    """A stored file (safetensors, manifest) that cannot be read: truncated, altered or not ours."""
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON manifest; an :class:`UnreadableFileError` naming it when it does not parse."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnreadableFileError(f"{path} is unreadable ({e}); it was truncated or altered") from e
+
+
+def read_tensors(path: str | Path,
+                 device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file and its metadata; FileNotFoundError or an
+    :class:`UnreadableFileError` naming the file when it is missing, truncated or not safetensors."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UnreadableFileError(f"{path} is unreadable ({e}); it was truncated or altered") from e
+
+
+def _read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    return read_tensors(path)
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

@@ -1,4 +1,4 @@
-"""Models and blocks: load local checkpoints and find the linear projections that influence analyses.
+"""Models and blocks: find the linear projections that influence analyses, and fingerprint a model.
 
 A *module* is one linear projection inside a transformer block (``nn.Linear`` or GPT-2's ``Conv1D``).
 A *block* is the unit EK-FAC treats as independent: a contiguous range of the module's output
@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -299,64 +298,6 @@ def block_matrix(model: nn.Module, spec: ModuleSpec, block: Block | None = None,
         b = mod.bias.grad if grad else mod.bias
         m = torch.cat([m, b[lo:hi, None]], dim=1)
     return m
-
-
-@dataclass
-class LoadedModel:
-    """A model and tokenizer loaded from a local checkpoint directory."""
-
-    model: nn.Module
-    tokenizer: object
-    path: str
-    task: str  # "causal_lm" or "sequence_classification"
-
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
-                    "spiece.model")
-
-
-def load_model(path: str | Path, task: str = "auto", dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a local Hugging Face checkpoint (safetensors preferred, remote code never run).
-
-    ``task="auto"`` picks a sequence-classification model when the checkpoint's architectures say
-    so, else a causal LM. Raises a specific error for a missing or non-model path.
-    """
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
-
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"model path {p} does not exist; point [models] at a local checkpoint "
-                                f"directory written by save_pretrained")
-    if not p.is_dir() or not (p / "config.json").exists():
-        raise ValueError(f"{p} is not a Hugging Face checkpoint directory (no config.json); save the "
-                         f"model with model.save_pretrained('{p}')")
-    has_weights = any(p.glob("*.safetensors")) or any(p.glob("*.bin")) or any(p.glob("*.safetensors.index.json"))
-    if not has_weights:
-        raise ValueError(f"{p} has a config.json but no weights (*.safetensors or *.bin)")
-    config = AutoConfig.from_pretrained(p, trust_remote_code=False)
-    archs = getattr(config, "architectures", None) or []
-    if task == "auto":
-        task = "sequence_classification" if any("SequenceClassification" in a for a in archs) else "causal_lm"
-    cls = AutoModelForSequenceClassification if task == "sequence_classification" else AutoModelForCausalLM
-    model = cls.from_pretrained(p, dtype=dtype, trust_remote_code=False, use_safetensors=None)
-    model.to(device).eval()
-    tokenizer = None
-    # transformers 5 invents a near-empty default tokenizer for a directory without tokenizer files, so
-    # look for them first: a checkpoint without a tokenizer still loads, with tokenizer None
-    if any((p / f).exists() for f in _TOKENIZER_FILES):
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
-        except (OSError, ValueError) as e:
-            log.warning("could not load the tokenizer in %s (%s)", p, e)
-    else:
-        log.warning("no tokenizer files in %s; pass token ids yourself or save the tokenizer beside the model", p)
-    return LoadedModel(model, tokenizer, str(p), task)
 
 
 def check_compatible(pt_specs: list[ModuleSpec], ft_specs: list[ModuleSpec]) -> list[str]:

@@ -10,18 +10,16 @@ rank-r factorisation ``U Vᵀ`` per block.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .data import Encoded, iter_batches
-from .ekfac import Factors, save_tensor_dir
+from .ekfac import Factors, read_json, read_tensors, save_tensor_dir
 from .gradients import analysed_grads_only, forward_backward
 from .methods import GRADIENT_METHODS
 from .methods import get as get_method
@@ -168,8 +166,8 @@ class QueryIHVPs:
         directory = Path(directory)
         if not (directory / "manifest.json").exists():
             raise FileNotFoundError(f"{directory} holds no query iHVPs; compute them first")
-        man = json.loads((directory / "manifest.json").read_text())
-        t = load_file(str(directory / "ihvps.safetensors"), device=str(device))
+        man = read_json(directory / "manifest.json")
+        t, _ = read_tensors(directory / "ihvps.safetensors", device)
         specs = {d["name"]: ModuleSpec.from_json(d) for d in man["modules"]}
         part = {k: {n[len(k) + 1:]: x for n, x in t.items() if n.startswith(k + "/")} for k in ("dense", "u", "v")}
         return QueryIHVPs(man["method"], specs, part["dense"], part["u"], part["v"], int(man["rank"]), man)

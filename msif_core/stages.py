@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .checkpoints import LoadedModel, load_model
 from .data import Encoded, encode_classification, encode_pairs, pad_id_of
-from .models import LoadedModel, ModuleSpec, check_compatible, discover_modules, load_model
+from .models import ModuleSpec, check_compatible, discover_modules
 
 if TYPE_CHECKING:
     from .api import AttributionSettings

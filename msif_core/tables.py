@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-RANK_ORDER_SQL = "ORDER BY score DESC NULLS LAST, doc_id"
+# NaN scores (Parquet stores them as NaN, which DuckDB would sort above every number) count as missing
+RANK_ORDER_SQL = "ORDER BY (CASE WHEN isnan(score) THEN NULL ELSE score END) DESC NULLS LAST, doc_id"
 SCORE_COLUMNS = ("query_id", "doc_id", "method", "score", "mlp_score", "mha_score")
 
 

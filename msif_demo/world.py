@@ -21,6 +21,9 @@ everything under one directory, skipping the work when an identical build is alr
 Token convention shared with :mod:`msif_core.training`: a document is the sequence
 ``tokenizer(text)["input_ids"]`` (no special tokens are added), a query/QA pair is
 ``tokenizer(prompt) + tokenizer(completion)`` with the completion's leading space kept.
+
+Why one file of ~430 lines: the parameters, the records, the generator and the writers are one
+pure function of :class:`WorldParams` and its output format; the relation data is in :mod:`.relations`.
 """
 
 

@@ -13,6 +13,7 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -25,6 +26,7 @@ PIPELINE_VERSION = "1"
 POOL = "msif_accelerator"  # GPU-heavy steps; cap with `concurrency: pools:` in dagster.yaml
 
 Describe = str | Callable[[ExperimentConfig, str], str]
+Outputs = Callable[[Layout, "str | None", ExperimentConfig], list]  # (layout, partition, cfg) -> paths
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class Node:
     heavy: bool  # runs models: in the accelerator pool
     resources: tuple[str, ...]
     when: Callable[[ExperimentConfig], bool] | None  # in the graph only when this holds (None: always)
+    outputs: Outputs | None = None  # the files it writes (recorded and verified, :mod:`msif_assets.outputs`)
 
     def included(self, cfg: ExperimentConfig) -> bool:
         """Whether this asset is part of ``cfg``'s graph."""
@@ -65,13 +68,15 @@ def asset(name: str, group: str, description: Describe, deps: Sequence[str | Dep
           settings: Sequence[str] = (), version_extra: Callable[[ExperimentConfig, str], str] | None = None,
           partitions: dg.PartitionsDefinition | None = None, kinds: Sequence[str] = (), heavy: bool = False,
           resources: Sequence[str] = ("lakehouse",),
-          when: Callable[[ExperimentConfig], bool] | None = None) -> Callable[[Callable], Node]:
+          when: Callable[[ExperimentConfig], bool] | None = None,
+          outputs: Outputs | None = None) -> Callable[[Callable], Node]:
     """Declare an asset: ``@asset("corpus_shards", "corpus", "...", deps=["pretraining_corpus"], ...)`` on a
-    function of a :class:`Step`. A dep on an asset that is not in an experiment's graph is dropped."""
+    function of a :class:`Step`. A dep on an asset that is not in an experiment's graph is dropped;
+    ``outputs(layout, partition, cfg)`` lists the files (or folders) it writes."""
 
     def wrap(fn: Callable[[Step], dg.MaterializeResult]) -> Node:
         return Node(name, group, fn, tuple(d if isinstance(d, Dep) else Dep(d) for d in deps), tuple(settings),
-                    version_extra, partitions, description, tuple(kinds), heavy, tuple(resources), when)
+                    version_extra, partitions, description, tuple(kinds), heavy, tuple(resources), when, outputs)
 
     return wrap
 
@@ -229,11 +234,27 @@ def build(nodes: Sequence[Node], cfg: ExperimentConfig, embedder_name: str,
                   automation_condition=automation_condition(ignored[n.name]), kinds=set(n.kinds) or None,
                   required_resource_keys=set(n.resources), **kw)
         def compute(context) -> dg.MaterializeResult:  # unannotated: the string annotation would be refused
-            return n.fn(Step(context, cfg, embedder_name))
+            return run_step(n, Step(context, cfg, embedder_name))
 
         return compute
 
     return [define(n) for n in included(nodes, cfg)]
+
+
+def run_step(n: Node, step: Step) -> dg.MaterializeResult:
+    """An asset's code under the lakehouse lock, its written files fingerprinted into the metadata."""
+    from ..lock import locked
+    from ..outputs import OUTPUTS_KEY, fingerprint
+
+    root = Path(step.cfg.root)
+    with locked(root, on_wait=step.log.info):
+        res = n.fn(step)
+        if n.outputs is None:
+            return res
+        part = step.key if n.partitions is not None else None
+        fp = fingerprint(n.outputs(step.layout, part, step.cfg), root)
+    return dg.MaterializeResult(metadata={**(res.metadata or {}), OUTPUTS_KEY: dg.MetadataValue.json(fp)},
+                                data_version=res.data_version, check_results=res.check_results, tags=res.tags)
 
 
 # ----------------------------------------------------------------------------------------------- factors

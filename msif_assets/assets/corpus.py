@@ -30,7 +30,7 @@ def read_queries(step: Step) -> pd.DataFrame:
 
 @asset("corpus_shards", "corpus", lambda cfg, _: f"The corpus cut into shards of {cfg.shard_size} documents "
        "(Parquet).", deps=["pretraining_corpus"], settings=["shard_size"], partitions=CORPUS_PARTITIONS,
-       kinds=["parquet"])
+       kinds=["parquet"], outputs=lambda lay, k, _: [lay.documents(k)])
 def corpus_shards(step: Step) -> dg.MaterializeResult:
     """One shard of the corpus: its documents in corpus order, with unique doc_ids."""
     key, cfg = step.key, step.cfg
@@ -58,7 +58,7 @@ def corpus_shards(step: Step) -> dg.MaterializeResult:
 
 @asset("corpus_embeddings", "corpus", lambda _, emb: f"Sentence embeddings of each shard ({emb}) in LanceDB.",
        deps=["corpus_shards"], version_extra=lambda _, emb: emb, partitions=CORPUS_PARTITIONS, kinds=["lancedb"],
-       resources=["lakehouse", "embedder"])
+       resources=["lakehouse", "embedder"], outputs=lambda lay, k, _: [lay.lancedb / f"{lay.embedding_table(k)}.lance"])
 def corpus_embeddings(step: Step) -> dg.MaterializeResult:
     """Unit-norm embeddings of one shard's documents, one LanceDB table per shard."""
     import pyarrow as pa
@@ -86,7 +86,7 @@ def _describe_candidates(cfg, _) -> str:
 
 @asset("candidates", "corpus", _describe_candidates, deps=["corpus_embeddings", "queries"],
        settings=["scores.candidates"], version_extra=lambda _, emb: emb, partitions=CORPUS_PARTITIONS,
-       kinds=["lancedb", "parquet"], resources=["lakehouse", "embedder"])
+       kinds=["lancedb", "parquet"], resources=["lakehouse", "embedder"], outputs=lambda lay, k, _: [lay.candidates(k)])
 def candidates(step: Step) -> dg.MaterializeResult:
     """(query, document) pairs to score in one shard: all of them, or each query's nearest documents."""
     key, k = step.key, step.cfg.scores.candidates

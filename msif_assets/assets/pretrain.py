@@ -73,7 +73,8 @@ def load_parts(paths: list[Path], loader: Callable, what: str, asset_name: str, 
 @asset("pretrain_covariance_sums", "pretrain_factors",
        "Map step 1: EK-FAC covariance sums (A, S) of θ_pt over one fit shard.",
        deps=[Dep("corpus_shards", identity=True), "pretrained_checkpoint"], settings=FIT, partitions=FIT_PARTITIONS,
-       kinds=["pytorch", "safetensors"], heavy=True, resources=["lakehouse", "device"], when=_needed)
+       kinds=["pytorch", "safetensors"], heavy=True, resources=["lakehouse", "device"], when=_needed,
+       outputs=lambda lay, k, _: [lay.covariance_sums(k)])
 def pretrain_covariance_sums(step: Step) -> dg.MaterializeResult:
     """Covariance sums of one fit shard."""
     from msif_core.ekfac import covariance_sums
@@ -93,7 +94,8 @@ def pretrain_covariance_sums(step: Step) -> dg.MaterializeResult:
 
 @asset("pretrain_eigenbasis", "pretrain_factors",
        "Reduce step 1: merged covariances → eigenvectors Q_A, Q_S (float64 eigh).",
-       deps=["pretrain_covariance_sums"], settings=FIT, kinds=["pytorch", "safetensors"], heavy=True, when=_needed)
+       deps=["pretrain_covariance_sums"], settings=FIT, kinds=["pytorch", "safetensors"], heavy=True, when=_needed,
+       outputs=lambda lay, k, _: [lay.eigenbasis])
 def pretrain_eigenbasis(step: Step) -> dg.MaterializeResult:
     """The eigenbasis of the merged covariances."""
     from msif_core.ekfac import CovarianceSums, eigenbasis, merge_all
@@ -115,7 +117,7 @@ def pretrain_eigenbasis(step: Step) -> dg.MaterializeResult:
        "Map step 2: sums of squared rotated per-sequence gradients (Λ) over one fit shard.",
        deps=[Dep("corpus_shards", identity=True), "pretrain_eigenbasis", "pretrained_checkpoint"], settings=FIT,
        partitions=FIT_PARTITIONS, kinds=["pytorch", "safetensors"], heavy=True, resources=["lakehouse", "device"],
-       when=_needed)
+       when=_needed, outputs=lambda lay, k, _: [lay.lambda_sums(k)])
 def pretrain_lambda_sums(step: Step) -> dg.MaterializeResult:
     """Λ sums of one fit shard in the merged eigenbasis."""
     from msif_core.ekfac import Eigenbasis, lambda_sums
@@ -139,7 +141,7 @@ def pretrain_lambda_sums(step: Step) -> dg.MaterializeResult:
 @asset("pretrain_factors", "pretrain_factors", "Reduce step 2: EK-FAC factors of θ_pt (Q_A, Q_S, Λ) on the fit shards.",
        deps=["pretrain_lambda_sums", "pretrain_eigenbasis", "pretrained_checkpoint"], settings=FIT,
        version_extra=fingerprint_version, kinds=["pytorch", "safetensors"], heavy=True,
-       resources=["lakehouse", "device"], when=_needed)
+       resources=["lakehouse", "device"], when=_needed, outputs=lambda lay, k, _: [lay.pretrain_factors])
 def pretrain_factors(step: Step) -> dg.MaterializeResult:
     """The pre-train factors: the eigenbasis and the merged Λ."""
     from msif_core.ekfac import Eigenbasis, LambdaSums, finalize, merge_all

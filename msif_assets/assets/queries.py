@@ -39,7 +39,8 @@ def _arrow(df: pd.DataFrame):
        deps=["queries", "finetuned_checkpoint", "pretrain_factors", "finetune_factors"],
        settings=["factors.attention_blocks", "factors.modules", "factors.module_tags", "factors.max_length",
                  "scores.damping_pretrain", "scores.damping_finetune", "scores.query_rank", "scores.methods"],
-       kinds=["pytorch", "safetensors", "parquet"], heavy=True, resources=["lakehouse", "device"])
+       kinds=["pytorch", "safetensors", "parquet"], heavy=True, resources=["lakehouse", "device"],
+       outputs=lambda lay, k, cfg: [lay.queries, *(lay.ihvps(m) for m in cfg.scores.gradient_methods)])
 def query_ihvps(step: Step) -> dg.MaterializeResult:
     """Query iHVPs of every gradient method, and the queries table."""
     from msif_core.api import answer_queries, encode_queries

@@ -17,7 +17,7 @@ from .base import Step, Timer, asset
 
 @asset("score_tables", "reports", lambda cfg, _: f"{cfg.root / 'msif.duckdb'}: DuckDB views documents, queries, "
        "candidates, influence_scores (global rank), top_influences.", deps=["influence_scores"],
-       settings=["scores.methods"], kinds=["duckdb"])
+       settings=["scores.methods"], kinds=["duckdb"], outputs=lambda lay, k, _: [lay.database])
 def score_tables(step: Step) -> dg.MaterializeResult:
     """(Re)write ``msif.duckdb`` with its views and summarise what they hold."""
     layout = step.layout
@@ -48,7 +48,8 @@ def score_tables(step: Step) -> dg.MaterializeResult:
 
 
 @asset("attribution_report", "reports", "Top documents per query with their text (Markdown) and a plot (PNG).",
-       deps=["score_tables"], kinds=["markdown", "png"])
+       deps=["score_tables"], kinds=["markdown", "png"],
+       outputs=lambda lay, k, _: [lay.reports / "attribution_report.md", lay.reports / "attribution_report.png"])
 def attribution_report(step: Step) -> dg.MaterializeResult:
     """``reports/attribution_report.md`` and ``.png``."""
     from ..report import build_report
@@ -65,8 +66,8 @@ def attribution_report(step: Step) -> dg.MaterializeResult:
 
 
 @asset("attribution_quality", "reports", "MRR and Recall@10 per method against the queries' true_doc_ids "
-       "(sql/quality.sql).", deps=["score_tables"], kinds=["duckdb", "parquet"],
-       when=lambda cfg: cfg.has_ground_truth())
+       "(msif_assets/sql/quality.sql).", deps=["score_tables"], kinds=["duckdb", "parquet"],
+       when=lambda cfg: cfg.has_ground_truth(), outputs=lambda lay, k, _: [lay.quality])
 def attribution_quality(step: Step) -> dg.MaterializeResult:
     """``attribution_quality.parquet``: the named query ``quality`` over the views."""
     con = step.lakehouse.duckdb()

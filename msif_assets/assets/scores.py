@@ -99,7 +99,8 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
        f"{list(cfg.scores.methods)} (positive = supports the completion; shard_rank 1 = most supporting in the "
        "shard).", deps=["candidates", "corpus_shards", "query_ihvps", "pretrained_checkpoint", "finetuned_checkpoint"],
        settings=["scores.methods", "factors.max_length", "scores.damping_pretrain", "scores.damping_finetune"],
-       partitions=CORPUS_PARTITIONS, kinds=["pytorch", "parquet"], heavy=True, resources=["lakehouse", "device"])
+       partitions=CORPUS_PARTITIONS, kinds=["pytorch", "parquet"], heavy=True, resources=["lakehouse", "device"],
+       outputs=lambda lay, k, _: [lay.scores(k)])
 def influence_scores(step: Step) -> dg.MaterializeResult:
     """One shard's score table."""
     key, layout = step.key, step.layout

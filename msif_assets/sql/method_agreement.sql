@@ -1,11 +1,11 @@
 -- Agreement between methods: for every pair of methods, the mean overlap of their top-k documents
 -- per query (|A ∩ B| / k) and the share of queries whose top-1 document is the same.
--- Usage: duckdb <root>/msif.duckdb < sql/method_agreement.sql
+-- Usage: duckdb <root>/msif.duckdb < msif_assets/sql/method_agreement.sql
 SET VARIABLE k = 10;
 
 WITH ranked AS (
     SELECT query_id, method, doc_id,
-           row_number() OVER (PARTITION BY query_id, method ORDER BY score DESC NULLS LAST, doc_id) AS rank
+           row_number() OVER (PARTITION BY query_id, method ORDER BY (CASE WHEN isnan(score) THEN NULL ELSE score END) DESC NULLS LAST, doc_id) AS rank
     FROM influence_scores_by_shard
     WHERE shard_rank <= getvariable('k')
 ),

@@ -1,11 +1,11 @@
 -- How much of each gradient method's score comes from MLP blocks vs attention (MHA) blocks,
 -- over each query's top k documents. mlp_share_abs = |mlp| / (|mlp| + |mha|), averaged.
--- Usage: duckdb <root>/msif.duckdb < sql/mlp_vs_attention.sql
+-- Usage: duckdb <root>/msif.duckdb < msif_assets/sql/mlp_vs_attention.sql
 SET VARIABLE k = 10;
 
 WITH ranked AS (
     SELECT s.*,
-           row_number() OVER (PARTITION BY query_id, method ORDER BY score DESC NULLS LAST, doc_id) AS rank
+           row_number() OVER (PARTITION BY query_id, method ORDER BY (CASE WHEN isnan(score) THEN NULL ELSE score END) DESC NULLS LAST, doc_id) AS rank
     FROM influence_scores_by_shard s
     WHERE shard_rank <= getvariable('k') AND mlp_score IS NOT NULL AND NOT isnan(mlp_score)
 )

@@ -2,13 +2,13 @@
 --   MRR       = mean over queries of 1 / rank of the first true source (0 beyond rank `cutoff`);
 --   Recall@k  = mean over queries of |true sources in the top k| / |true sources|.
 -- Ranks are across all shards, among each query's scored candidates (rank 1 = most supporting).
--- Usage: duckdb <root>/msif.duckdb < sql/quality.sql
+-- Usage: duckdb <root>/msif.duckdb < msif_assets/sql/quality.sql
 SET VARIABLE cutoff = 100;
 SET VARIABLE k = 10;
 
 WITH ranked AS (
     SELECT query_id, doc_id, method,
-           row_number() OVER (PARTITION BY query_id, method ORDER BY score DESC NULLS LAST, doc_id) AS rank
+           row_number() OVER (PARTITION BY query_id, method ORDER BY (CASE WHEN isnan(score) THEN NULL ELSE score END) DESC NULLS LAST, doc_id) AS rank
     FROM influence_scores_by_shard
     WHERE shard_rank <= greatest(getvariable('cutoff'), getvariable('k'))
 ),

@@ -117,7 +117,8 @@ def test_checks_passed(run) -> None:
              r.event_log_entry.dagster_event.event_specific_data.passed for r in recs}
     assert evals == {(a, c): True for a in ("pretrain_factors", "finetune_factors")
                      for c in ("factors_finite", "lambda_nonnegative")} | \
-        {("score_tables", c): True for c in ("scores_finite", "every_query_has_its_rows", "no_duplicate_rows")}
+        {("score_tables", c): True for c in ("scores_finite", "every_query_has_its_rows", "no_duplicate_rows",
+                                             "outputs_intact")}
 
 
 def test_rerun_is_idempotent(run) -> None:
@@ -207,7 +208,8 @@ def test_score_checks_fail_on_bad_values(run, tmp_path: Path) -> None:
     result = dg.materialize(assets + checks, instance=dg.DagsterInstance.ephemeral(), resources=defs.resources,
                             raise_on_error=False)
     evals = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert evals == {"scores_finite": False, "every_query_has_its_rows": False, "no_duplicate_rows": False}
+    assert evals == {"scores_finite": False, "every_query_has_its_rows": False, "no_duplicate_rows": False,
+                     "outputs_intact": True}  # a fresh instance has recorded no outputs to compare with
 
 
 def test_definitions_module_and_cli(run, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

@@ -19,6 +19,7 @@ from helpers.core import (
 
 from msif_core import ekfac as ekfac_module
 from msif_core.api import AttributionSettings, load_stages
+from msif_core.checkpoints import load_model
 from msif_core.data import Encoded, encode_classification, encode_documents, encode_pairs
 from msif_core.ekfac import (
     CovarianceSums,
@@ -32,7 +33,7 @@ from msif_core.ekfac import (
     lambda_sums,
     merge_all,
 )
-from msif_core.models import check_compatible, discover_modules, fingerprint, load_model
+from msif_core.models import check_compatible, discover_modules, fingerprint
 from msif_core.query import QueryIHVPs, measurement_gradients, query_ihvps
 from msif_core.scoring import score_documents
 
@@ -78,7 +79,7 @@ def test_missing_or_non_model_paths(tmp_path):
 
 def test_checkpoint_without_tokenizer_loads_without_inventing_one(tmp_path, caplog):
     tiny_model("llama").save_pretrained(tmp_path / "m")
-    with caplog.at_level(logging.WARNING, logger="msif_core.models"):
+    with caplog.at_level(logging.WARNING, logger="msif_core.checkpoints"):
         loaded = load_model(tmp_path / "m", dtype=torch.float64)
     assert loaded.tokenizer is None and loaded.task == "causal_lm"
     assert "no tokenizer" in caplog.text

@@ -56,16 +56,17 @@ def test_long_table_layout() -> None:
         long_table(s, docs[:3], qs, "gdp")
 
 
-def test_one_rank_rule_everywhere() -> None:
+def test_one_rank_rule_everywhere(tmp_path) -> None:
     s, docs, qs = _scores_with_ties()
     want = {"qa": ["d1", "d2", "d9", "d0"],  # 2 > 1 = 1 (d2 before d9) > -3
             "qb": ["d0", "d2", "d9", "d1"]}  # 0.5 ties by doc_id, NaN last
     pipeline = with_rank(long_table(s, docs, qs, "gdp"), "shard_rank")
     api = scores_table(MethodScores(s), "gdp", docs, qs)
     con = duckdb.connect()
-    con.register("t", long_table(s, docs, qs, "gdp"))
+    path = tmp_path / "scores.parquet"  # Parquet keeps the NaN as NaN (DuckDB would sort it first)
+    long_table(s, docs, qs, "gdp").to_parquet(path)
     sql = con.execute(f"SELECT query_id, doc_id, row_number() OVER (PARTITION BY query_id, method {RANK_ORDER_SQL}) "
-                      "AS rank FROM t").df()
+                      f"AS rank FROM read_parquet('{path}')").df()
     for q, order in want.items():
         assert list(pipeline[pipeline.query_id == q].sort_values("shard_rank").doc_id) == order
         assert list(api[api.query_id == q].sort_values("rank").doc_id) == order

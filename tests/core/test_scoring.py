@@ -2,6 +2,9 @@
 ⟨P_ft ∇m, P_pt ∇ℓ⟩ with two models and their own factors), GDP, both fused contractions, rank-r
 query iHVPs, invariance to batch size and padding, per-block scores, save/load round trips, a
 fine-tune whose head was replaced by a classifier, and the one-call API.
+
+Why one file of ~410 lines: every scoring path (methods, contractions, ranks, the one-call API) is
+checked here against the same brute-force world (:mod:`helpers.scoring`).
 """
 
 from __future__ import annotations

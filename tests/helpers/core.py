@@ -1,12 +1,15 @@
-"""Brute-force references for the core-engine tests (``tests/test_core_*.py``).
+"""Brute-force references for the core-engine tests (``tests/core/test_*.py``).
 
 Everything here is deliberately written the slow, explicit way and independently of
 ``msif_core.gradients``: one unpadded sequence at a time, losses as explicit loops over target
 positions (the logits at position t-1 score token t), weight gradients read back from ``.grad``
 with ``msif_core.models.block_matrix(..., grad=True)``, and EK-FAC inverses formed as explicit
 Kronecker matrices. Models are tiny, random and float64, built from transformers configs. The models
-may sit on a GPU (``tests/test_core_cuda.py``): inputs follow the model, and every sum or gradient kept
+may sit on a GPU (``tests/core/test_cuda.py``): inputs follow the model, and every sum or gradient kept
 for comparison is returned on the CPU.
+
+Why one file of ~410 lines: the tiny models of every architecture and the explicit references they are
+checked against belong together (each reference is short).
 """
 
 from __future__ import annotations

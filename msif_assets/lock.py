@@ -1,0 +1,96 @@
+"""One writer per lakehouse: an exclusive lock on ``<root>/.msif.lock`` (``fcntl.flock``, released by the
+operating system when its process ends, so a killed run never leaves a stale lock).
+
+``msif run`` holds it for the whole run; a second ``msif run`` on the same root waits with a message
+naming the holder (or, with ``--no-wait``, refuses). An asset step that runs in another process (a run
+launched from the Dagster UI or by the daemon) takes it around its own work, so it waits for a running
+``msif run`` and vice versa; steps inside the process that holds it do not take it again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_HELD: dict[str, int] = {}  # resolved root -> file descriptor held by this process
+
+
+class LakehouseBusy(RuntimeError):
+    """Another process holds the lakehouse lock."""
+
+
+def _path(root: Path) -> Path:
+    return Path(root).resolve() / ".msif.lock"
+
+
+def holder(root: Path) -> str:
+    """Who holds (or last held) the lock, in words."""
+    try:
+        info = json.loads(_path(root).read_text() or "{}")
+    except (OSError, ValueError):
+        return "another process"
+    since = time.strftime("%H:%M:%S", time.localtime(info.get("since", 0)))
+    return f"pid {info.get('pid', '?')} ({info.get('command', '?')}), since {since}"
+
+
+def held_here(root: Path) -> bool:
+    """Whether this process holds the lock of ``root``."""
+    return str(Path(root).resolve()) in _HELD
+
+
+def acquire(root: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None,
+            poll_s: float = 0.2) -> None:
+    """Take the lock of ``root`` (re-entrant within a process). If another process holds it: wait
+    (calling ``on_wait`` once with a message) or, with ``wait=False``, raise :class:`LakehouseBusy`."""
+    key = str(Path(root).resolve())
+    if key in _HELD:
+        return
+    path = _path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    told = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            msg = f"the lakehouse {key} is in use by {holder(root)}"
+            if not wait:
+                os.close(fd)
+                raise LakehouseBusy(f"{msg}; try again when it has finished") from None
+            if not told and on_wait is not None:
+                on_wait(f"{msg}; waiting for it to finish")
+                told = True
+            time.sleep(poll_s)
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({"pid": os.getpid(), "command": " ".join(Path(sys.argv[0]).name.split()[:1]
+                                                                       + sys.argv[1:3]),
+                             "since": time.time()}).encode())
+    _HELD[key] = fd
+
+
+def release(root: Path) -> None:
+    """Give the lock of ``root`` back (no-op when this process does not hold it)."""
+    fd = _HELD.pop(str(Path(root).resolve()), None)
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+@contextmanager
+def locked(root: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the lock of ``root`` for the block (unless this process already holds it)."""
+    if held_here(root):
+        yield
+        return
+    acquire(root, wait=wait, on_wait=on_wait)
+    try:
+        yield
+    finally:
+        release(root)

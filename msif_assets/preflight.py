@@ -1,0 +1,110 @@
+"""Every input check that needs no model, run before any asset does (``msif run``, ``msif ui``, the
+Dagster definitions): the experiment file is valid (:mod:`.config`), and
+
+- each checkpoint has a parsable ``config.json``, readable safetensors weights whose shapes agree with
+  that config (compared with a model built on the meta device, so nothing is loaded), and tokenizer
+  files; ``auto_map`` (custom code) is never run, with a notice;
+- every data file parses completely (each JSONL line, each Parquet footer), has its required columns,
+  and ids are unique (``doc_id`` across the whole corpus, ``query_id``); the corpus is not empty;
+- queries and fine-tuning pairs with an empty completion are named in a warning (they are not scored /
+  not fitted on), as are fine-tuning files without a usable pair (an error).
+
+:func:`preflight` raises one :class:`~msif_assets.config.ConfigError` listing every problem, and returns
+the notices and warnings to show.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from msif_core.methods import get as get_method
+
+from .config import ConfigError, ExperimentConfig
+from .io import CorruptTableError, read_records
+
+
+def _empty(values: pd.Series) -> pd.Series:
+    return values.isna() | (values.astype(str).str.strip() == "")
+
+
+def _ids(values: pd.Series, n: int = 5) -> str:
+    v = [str(x) for x in values.tolist()]
+    return ", ".join(v[:n]) + (f" and {len(v) - n} more" if len(v) > n else "")
+
+
+def check_checkpoints(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """(errors, notices) of both checkpoints, each naming its ``[models]`` key and folder."""
+    from msif_core.checkpoints import checkpoint_problems
+
+    errors, notices = [], []
+    for key, path in (("pretrained", cfg.pretrained), ("finetuned", cfg.finetuned)):
+        e, n = checkpoint_problems(path, need_tokenizer=True)
+        errors += [f"[models] {key}: {x}" for x in e]
+        notices += [f"[models] {key}: {x}" for x in n]
+    return errors, notices
+
+
+def check_data(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """(errors, warnings) of the corpus, the fine-tuning data and the queries, read completely."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    ids: list[pd.DataFrame] = []
+    for f in cfg.corpus_files():
+        try:
+            df = read_records(f, "[data] pretraining_corpus", ("doc_id", "text"))
+        except CorruptTableError as e:
+            errors.append(str(e))
+            continue
+        ids.append(pd.DataFrame({"doc_id": df["doc_id"].astype(str), "file": f.name}))
+    if not errors:
+        corpus = pd.concat(ids, ignore_index=True) if ids else pd.DataFrame({"doc_id": [], "file": []})
+        if corpus.empty:
+            errors.append(f"[data] pretraining_corpus: {cfg.pretraining_corpus} holds no documents; give it at "
+                          f"least one row of doc_id, text")
+        dup = corpus[corpus.doc_id.duplicated(keep=False)]
+        if len(dup):
+            where = dup.groupby("doc_id").file.apply(lambda s: "/".join(sorted(set(s)))).head(5)
+            errors.append(f"[data] pretraining_corpus: doc_id must be unique; {dup.doc_id.nunique()} repeat, e.g. "
+                          + ", ".join(f"{d} (in {w})" for d, w in where.items()))
+    try:
+        q = read_records(cfg.queries, "[data] queries", ("query_id", "prompt", "completion"))
+        qid = q["query_id"].astype(str)
+        dup = qid[qid.duplicated()].unique()
+        if len(dup):
+            errors.append(f"[data] queries: {cfg.queries}: query_id must be unique; repeated: {_ids(pd.Series(dup))}")
+        if q.empty:
+            errors.append(f"[data] queries: {cfg.queries} holds no query")
+        blank = qid[_empty(q["completion"])]
+        if len(blank):
+            warnings.append(f"[data] queries: {len(blank)} of {len(q)} queries have an empty completion and will not "
+                            f"be scored: {_ids(blank)} ({cfg.queries})")
+    except CorruptTableError as e:
+        errors.append(str(e))
+    try:
+        ft = read_records(cfg.finetuning_data, "[data] finetuning_data", ("prompt", "completion"))
+        blank = _empty(ft["completion"])
+        if cfg.scores.needs_finetune_factors and (ft.empty or blank.all()):
+            errors.append(f"[data] finetuning_data: {cfg.finetuning_data} has no pair with a completion; "
+                          f"{', '.join(m for m in cfg.scores.methods if get_method(m).finetune_factors)} fit the "
+                          f"fine-tuned model's EK-FAC on them")
+        elif blank.any():
+            lines = [str(i + 1) for i in ft.index[blank]]
+            warnings.append(f"[data] finetuning_data: {int(blank.sum())} pairs have an empty completion and are not "
+                            f"fitted on (rows {', '.join(lines[:5])}{' ...' if len(lines) > 5 else ''})")
+    except CorruptTableError as e:
+        errors.append(str(e))
+    return errors, warnings
+
+
+def preflight(cfg: ExperimentConfig) -> list[str]:
+    """Run every check above; raise one ConfigError listing all errors, else return notices and warnings."""
+    from .config import check_inputs
+
+    check_inputs(cfg)
+    e1, notices = check_checkpoints(cfg)
+    e2, warnings = check_data(cfg)
+    errors = e1 + e2
+    if errors:
+        name = str(cfg.source) if cfg.source else "demo config"
+        raise ConfigError(f"{name}: " + "; ".join(errors))
+    return notices + warnings

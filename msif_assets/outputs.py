@@ -12,7 +12,7 @@ partition in an instance: ``msif run`` recomputes those (one line each says why)
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import dagster as dg
@@ -73,23 +73,32 @@ def problems(recorded: Mapping[str, str], root: Path) -> list[str]:
 
 def recorded_outputs(instance: dg.DagsterInstance, key: dg.AssetKey,
                      partition: str | None) -> dict[str, str] | None:
-    """The ``msif/outputs`` record of the latest materialisation of ``key`` (``partition``), if any."""
+    """The ``msif/outputs`` record of the latest materialisation of ``key`` (``partition``); ``{}`` when it was
+    never materialised, None when its materialisation recorded none."""
     flt = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition is not None else None)
     recs = instance.fetch_materializations(flt, limit=1, ascending=False).records
     if not recs or recs[0].asset_materialization is None:
-        return None
+        return {}
     value = recs[0].asset_materialization.metadata.get(OUTPUTS_KEY)
     return dict(value.value) if value is not None else None
 
 
-def stale_units(instance: dg.DagsterInstance, units: Iterable[tuple[dg.AssetKey, str | None]],
-                root: Path) -> dict[tuple[dg.AssetKey, str | None], str]:
-    """(asset, partition) → why, for every unit whose recorded outputs are missing or altered."""
+def stale_units(instance: dg.DagsterInstance, units: Iterable[tuple[dg.AssetKey, str | None]], root: Path,
+                expected: Mapping[str, Callable[[str | None], list]] | None = None,
+                ) -> dict[tuple[dg.AssetKey, str | None], str]:
+    """(asset, partition) → why, for every materialised unit whose recorded outputs are missing or
+    altered. A materialisation without a record (written by an older msif) is checked for the files
+    ``expected[asset](partition)`` says it writes: their absence makes it stale too."""
     out = {}
     for key, part in units:
         rec = recorded_outputs(instance, key, part)
         if rec:
             found = problems(rec, root)
-            if found:
-                out[(key, part)] = "; ".join(found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
+        elif rec is None and expected and key.to_user_string() in expected:
+            found = [f"{p} is missing" for p in expected[key.to_user_string()](part) if not Path(p).exists()]
+        else:
+            found = []
+        if found:
+            out[(key, part)] = "; ".join(found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
     return out
+

@@ -159,9 +159,13 @@ class Pipeline:
 
     def stale_outputs(self) -> dict[Unit, str]:
         """Units whose latest materialisation's files were deleted or altered since (:mod:`.outputs`)."""
+        from .assets import NODES
+        from .layout import Layout
         from .outputs import stale_units
 
-        return stale_units(self.instance, self.all_units(), self.cfg.root)
+        layout = Layout(self.cfg.root)
+        expected = {n.name: (lambda part, n=n: n.outputs(layout, part, self.cfg)) for n in NODES if n.outputs}
+        return stale_units(self.instance, self.all_units(), self.cfg.root, expected)
 
     def _report_skipped(self, res: UpdateResult, skipped: set[Unit]) -> None:
         if not skipped:

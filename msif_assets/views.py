@@ -85,7 +85,13 @@ def connect(layout: Layout | Path, read_only: bool = True) -> duckdb.DuckDBPyCon
     path = layout.database if isinstance(layout, Layout) else Path(layout)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; materialise score_tables first (msif run)")
-    return duckdb.connect(str(path), read_only=read_only)
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.Error as e:
+        from .io import CorruptTableError
+
+        raise CorruptTableError(f"{path} is not a readable DuckDB database ({e}). Fix: `msif run` (it rebuilds it "
+                                f"when it was changed since score_tables wrote it), or delete it and run again") from e
 
 
 def named_sql(name: str) -> str:

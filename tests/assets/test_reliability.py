@@ -92,6 +92,15 @@ def test_deleted_and_truncated_outputs_are_recomputed(world, capsys: pytest.Capt
     assert "stale corpus_embeddings [shard_00001]" in out and "is missing" in out
     assert "ok   pretrain_factors" in out and "corpus_embeddings [shard_00001]" in out
     pd.testing.assert_frame_equal(_tables(lay.root), before, check_exact=False, rtol=1e-6)
+    # a damaged DuckDB file: rebuilt (and a reader names it)
+    from msif_assets.io import CorruptTableError
+    from msif_assets.views import connect
+
+    lay.database.write_bytes(b"not a database" * 100)
+    with pytest.raises(CorruptTableError, match="not a readable DuckDB database"):
+        connect(lay)
+    rc, out, _ = _run(toml, capsys)
+    assert rc == 0 and "stale score_tables" in out and "Top documents by ms_if" in out
     # and now it is up to date again
     rc, out, _ = _run(toml, capsys)
     assert rc == 0 and "everything was up to date" in out and "stale" not in out

@@ -41,7 +41,8 @@ Example (every key but the paths shows its default)::
     damping_pretrain = 1e-4         # a number, or "relative:0.1"
     damping_finetune = 1e-4
     candidates = 100                # nearest documents per query and shard, or "all"
-    query_rank = 0                  # 0 exact; r > 0 rank-r query iHVPs
+    query_rank = 0                  # 0 exact; r > 0 rank-r query iHVPs (of each module)
+    # memory_gib = 8                # query-side memory budget; default: half the memory available
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ _STR, _INT, _NUM_OR_STR, _INT_OR_STR, _STR_LIST = "a string", "an integer", "a n
 _TAGS = 'a table of "module name" = "mlp" | "mha"'
 
 
-_KINDS = {"str": _STR, "int": _INT, "float | str": _NUM_OR_STR, "int | str": _INT_OR_STR,
+_NUM = "a number"
+_KINDS = {"str": _STR, "int": _INT, "float | None": _NUM, "float | str": _NUM_OR_STR, "int | str": _INT_OR_STR,
           "tuple[str, ...]": _STR_LIST, "tuple[tuple[str, str], ...]": _TAGS}
 
 
@@ -175,6 +177,7 @@ def _type_ok(kind: str, v: Any) -> bool:
     return {
         _STR: isinstance(v, str),
         _INT: is_int,
+        _NUM: is_int or isinstance(v, float),
         _NUM_OR_STR: is_int or isinstance(v, (float, str)) and not isinstance(v, bool),
         _INT_OR_STR: is_int or isinstance(v, str),
         _STR_LIST: isinstance(v, list) and all(isinstance(x, str) for x in v),
@@ -289,6 +292,9 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         errors.append("[scores] methods must name at least one method")
     if len(set(methods)) != len(methods):
         errors.append(f"[scores] methods lists a method twice: {methods}")
+    mem = get("scores", "memory_gib")
+    if mem is not None and not mem > 0:
+        errors.append(f"[scores] memory_gib must be > 0 GiB (leave it out for automatic), got {mem}")
     cand = get("scores", "candidates")
     if isinstance(cand, str) and cand != "all":
         errors.append(f"[scores] candidates must be a positive integer or \"all\", got {cand!r}")
@@ -316,7 +322,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
                                module_tags=tuple(get("factors", "module_tags").items())),
         scores=PipelineScoreSettings(methods=tuple(methods), damping_pretrain=damping["damping_pretrain"],
                                      damping_finetune=damping["damping_finetune"], candidates=cand,
-                                     query_rank=get("scores", "query_rank")),
+                                     query_rank=get("scores", "query_rank"),
+                                     memory_gib=None if mem is None else float(mem)),
         source=source, is_demo=is_demo)
     if check_files:
         check_inputs(cfg)

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -29,7 +30,8 @@ from .data import Encoded, encode_documents
 from .ekfac import Factors, FitSettings, fit_ekfac
 from .memory import retain_freed_memory
 from .methods import GRADIENT_METHODS, MethodScores
-from .query import measurement_gradients, query_ihvps
+from .plan import plan_memory
+from .query import chunk_ihvps, query_ihvps
 from .settings import FactorSettings, ScoreSettings, setting
 from .stages import Stage, answer_queries, encode_queries, load_stages
 from .tables import long_table, with_rank
@@ -81,6 +83,46 @@ def scores_table(result: MethodScores, method: str, doc_ids: Sequence[str], quer
     return df
 
 
+def gradient_tables(pt: Stage, ft: Stage, qenc: Encoded, query_ids: Sequence[str], docs: Encoded,
+                    doc_ids: Sequence[str], settings: AttributionSettings, pt_factors: Factors | None,
+                    ft_factors: Factors | None, stats: dict | None = None) -> dict[str, pd.DataFrame]:
+    """Long tables of every gradient method, query chunk by query chunk within the memory plan
+    (:mod:`msif_core.plan`): each chunk's iHVPs exist only while it is scored (its measurement gradients
+    only while a slice of it is preconditioned), one pass over ``docs`` per chunk and method. ``stats``
+    receives the plan, the passes and the seconds of the query side and of scoring."""
+    methods = settings.gradient_methods
+    if not methods:
+        return {}
+    dev = next(ft.model.parameters()).device
+    plan = plan_memory(ft.specs, len(qenc), settings.query_rank, max(len(x) for x in qenc.input_ids),
+                       next(ft.model.parameters()).dtype, settings.memory_gib, dev,
+                       max(len(x) for x in docs.input_ids))
+    log.info(plan.describe())
+    parts: dict[str, list[MethodScores]] = {m: [] for m in methods}
+    query_s = score_s = 0.0
+    for i, chunk in enumerate(plan.ranges()):
+        t0 = time.perf_counter()
+        ihvps = chunk_ihvps(ft.model, ft.specs, qenc.subset(chunk), methods, ft_factors, pt_factors,
+                            settings.damping_finetune, settings.damping_pretrain, settings.query_rank,
+                            settings.batch_size, ft.pad_id)
+        t1 = time.perf_counter()
+        query_s += t1 - t0
+        for method in methods:
+            parts[method].append(registry.score(method, pt, ft, docs, ihvps=ihvps.pop(method),
+                                                batch_size=settings.batch_size, group_mib=plan.group_mib))
+        score_s += time.perf_counter() - t1
+        if plan.chunks > 1:
+            log.info("query chunk %d/%d done", i + 1, plan.chunks)
+    if stats is not None:
+        stats.update(plan=plan.as_dict(), passes=plan.chunks * len(methods), query_s=query_s, score_s=score_s)
+    out = {}
+    for method, res in parts.items():
+        joined = MethodScores(*(np.concatenate([getattr(r, f) for r in res], axis=1) for f in ("scores", "mlp", "mha")),
+                              timings={"chunks": plan.chunks, "plan": plan.as_dict()})
+        out[method] = scores_table(joined, method, doc_ids, query_ids)
+    return out
+
+
 def attribute(pretrained: str | Path, finetuned: str | Path, documents: Sequence[tuple[str, str]],
               finetuning: Sequence[tuple[str, str]], queries: Sequence[tuple[str, str, str]],
               settings: AttributionSettings | None = None, device: str = "cpu") -> pd.DataFrame:
@@ -127,17 +169,14 @@ def attribute(pretrained: str | Path, finetuned: str | Path, documents: Sequence
         ft_factors = fit_stage_factors(ft, fenc, settings)
     if settings.needs_pretrain_factors:
         pt_factors = fit_stage_factors(pt, docs, settings)
-    grads = (measurement_gradients(ft.model, ft.specs, qenc, settings.batch_size, ft.pad_id)
-             if settings.gradient_methods else None)
-    tables = []
+    tables = gradient_tables(pt, ft, qenc, query_ids, docs, doc_ids, settings, pt_factors, ft_factors)
     for method in settings.methods:
-        if registry.get(method).gradient:
-            res = score_method(method, pt, ft, grads, docs, settings, pt_factors, ft_factors)
-        else:
+        if not registry.get(method).gradient:
             kept = [queries[i] for i in qenc.kept]
             res = registry.score(method, pt, ft, docs, queries=qenc, query_texts=[p + str(c) for _, p, c in kept],
                                  corpus_texts=[documents[i][1] for i in docs.kept], batch_size=settings.batch_size)
-        tables.append(scores_table(res, method, doc_ids, query_ids))
+            tables[method] = scores_table(res, method, doc_ids, query_ids)
+    tables = [tables[m] for m in settings.methods]
     log.info("attributed %d queries over %d documents in %.1fs", len(query_ids), len(doc_ids),
              time.perf_counter() - t0)
     return pd.concat(tables, ignore_index=True)

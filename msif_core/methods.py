@@ -89,12 +89,13 @@ class MethodScores:
 def score(method: str, pt: Stage, ft: Stage, documents: Encoded, *, ihvps: QueryIHVPs | None = None,
           queries: Encoded | None = None, query_texts: Sequence[str] | None = None,
           corpus_texts: Sequence[str] | None = None, positions: Sequence[int] | None = None,
-          batch_size: int = 8) -> MethodScores:
+          batch_size: int = 8, group_mib: float = 4096) -> MethodScores:
     """Scores of ``documents`` (encoded with θ_pt's tokenizer) for the queries, by ``method``.
 
     Gradient methods need ``ihvps`` (their query iHVPs); ``repsim`` the encoded ``queries``; ``bm25`` the
     ``query_texts`` and the ``corpus_texts`` its word statistics come from, with ``positions`` of the
-    scored documents among them (default: all of them, in order).
+    scored documents among them (default: all of them, in order). ``group_mib`` bounds the candidate
+    gradients scored together (:func:`msif_core.scoring.score_documents`).
     """
     from .scoring import score_documents
 
@@ -108,7 +109,7 @@ def score(method: str, pt: Stage, ft: Stage, documents: Encoded, *, ihvps: Query
         if m.document_model == "finetuned" and ft.loaded.task != "causal_lm":
             raise ValueError(f"{method} scores documents with the fine-tuned model's language-model loss; a "
                              "fine-tune with a classification head has none: use ms_if or gdp")
-        res = score_documents(stage.model, ihvps, documents, batch_size, stage.pad_id)
+        res = score_documents(stage.model, ihvps, documents, batch_size, stage.pad_id, group_mib=group_mib)
         return MethodScores(res.scores, res.part("mlp"), res.part("mha"), dict(res.timings))
     if method == "repsim":
         from .baselines import repsim_scores

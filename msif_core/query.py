@@ -5,7 +5,10 @@
 - GDP: ``∇m`` as is.
 
 A query iHVP is one [P, d] matrix per module and query, kept exactly or, with ``rank > 0``, as a
-rank-r factorisation ``U Vᵀ`` per block.
+rank-r factorisation ``U Vᵀ``: of the module's whole [P, d] matrix (``rank_scope="module"``, the
+default: U [P, r] is stored split by block rows, V [d, r] is shared, so a module of n blocks keeps
+(P + d)·r numbers) or of each block (``"block"``: n·(p + d)·r). Either is computed from the exact
+per-block preconditioning; per-block scores stay exact for the approximated iHVP.
 """
 
 from __future__ import annotations
@@ -113,13 +116,14 @@ def measurement_gradients(model: nn.Module, specs: list[ModuleSpec], encoded: En
 
 @dataclass
 class QueryIHVPs:
-    """Preconditioned query gradients, per module: dense [Q, P, d] or low-rank factors per block."""
+    """Preconditioned query gradients, per module: dense [Q, P, d] or low-rank factors, ``u`` [Q, n, p, r]
+    (the rows of U by block) and ``v`` [Q, n, d, r], or [Q, 1, d, r] when one V serves the whole module."""
 
     method: str
     specs: dict[str, ModuleSpec]
     dense: dict[str, torch.Tensor] = field(default_factory=dict)  # [Q, P, d]
     u: dict[str, torch.Tensor] = field(default_factory=dict)  # [Q, blocks, p, r]
-    v: dict[str, torch.Tensor] = field(default_factory=dict)  # [Q, blocks, d, r]
+    v: dict[str, torch.Tensor] = field(default_factory=dict)  # [Q, blocks, d, r] or [Q, 1, d, r] (module)
     rank: int = 0
     manifest: dict = field(default_factory=dict)
 
@@ -138,19 +142,44 @@ class QueryIHVPs:
         return m.reshape(m.shape[0], -1, m.shape[-1])
 
     def block_rows(self, name: str, device: torch.device | str | None = None,
-                   dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The query iHVPs of module ``name`` block by block, one row per query: [blocks, Q, p·d].
+                   dtype: torch.dtype | None = None, queries: slice | None = None) -> torch.Tensor:
+        """The query iHVPs of module ``name`` block by block, one row per query: [blocks, Q, p·d] (of the
+        ``queries`` slice only, if given).
 
         Low-rank iHVPs are moved to ``device``, expanded straight into this layout (one batched product
         in their own precision) and cast to ``dtype``.
         """
         s = self.specs[name]
+        sl = queries if queries is not None else slice(None)
         if name in self.dense:
-            x = self.dense[name].to(device, dtype)
+            x = self.dense[name][sl].to(device, dtype)
             return x.reshape(-1, s.n_blocks, s.p * s.d).transpose(0, 1).contiguous()
-        u, v = (self.u[name].to(device).transpose(0, 1),  # [n, Q, p, r]
-                self.v[name].to(device).transpose(0, 1))  # [n, Q, d, r]
+        u, v = (self.u[name][sl].to(device).transpose(0, 1),  # [n, Q, p, r]
+                self.v[name][sl].to(device).transpose(0, 1))  # [n or 1, Q, d, r]
         return torch.matmul(u, v.transpose(-1, -2)).reshape(s.n_blocks, -1, s.p * s.d).to(dtype)
+
+    def sq_norm(self) -> float:
+        """Σ over queries and modules of ‖iHVP‖²_F, from the low-rank factors without expanding them."""
+        total = sum(float((x.double() ** 2).sum()) for x in self.dense.values())
+        for name, u in self.u.items():
+            u, v = u.double(), self.v[name].double()
+            uu = torch.einsum("qnpr,qnps->qnrs", u, u)
+            vv = torch.einsum("qndr,qnds->qnrs", v, v)
+            total += float((uu * vv).sum())  # trace(UᵀU VᵀV) per block (a shared V broadcasts)
+        return total
+
+    @staticmethod
+    def concat(parts: list[QueryIHVPs]) -> QueryIHVPs:
+        """The iHVPs of several query slices (of one method and rank), queries in order."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+
+        def cat(field_name: str) -> dict[str, torch.Tensor]:
+            return {k: torch.cat([getattr(p, field_name)[k] for p in parts]) for k in getattr(first, field_name)}
+
+        return QueryIHVPs(first.method, dict(first.specs), cat("dense"), cat("u"), cat("v"), first.rank,
+                          dict(first.manifest))
 
     def save(self, directory: str | Path) -> Path:
         """Write ``ihvps.safetensors`` and ``manifest.json`` atomically."""
@@ -184,9 +213,64 @@ def _low_rank(m: torch.Tensor, spec: ModuleSpec, rank: int) -> tuple[torch.Tenso
     return u, v
 
 
+QUERY_SLICE = 16  # queries preconditioned (and rank-reduced) together, per module
+OVERSAMPLE = 10  # extra columns of the randomized range finder
+POWER_ITERATIONS = 2
+
+
+def low_rank_module(m: torch.Tensor, spec: ModuleSpec, rank: int,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-r factors of each query's whole [P, d] matrix: U [Q, n, p, r] (singular values folded in, rows
+    split by block) and one V [Q, 1, d, r].
+
+    Exact SVD where the matrix is small (min(P, d) ≤ 2·(r + 10)); otherwise the randomized range finder of
+    Halko, Martinsson and Tropp (r + 10 seeded Gaussian columns, two power iterations, re-orthogonalised),
+    whose error is within a small factor of the best rank-r error and is near it for the fast-decaying
+    spectra of preconditioned gradients. Batched over queries, in at least float32.
+    """
+    q, big_p, d = m.shape
+    r = min(rank, big_p, d)
+    work = m.double() if m.dtype == torch.float64 else m.float()
+    if min(big_p, d) <= 2 * (r + OVERSAMPLE):
+        uu, ss, vh = torch.linalg.svd(work.double(), full_matrices=False)
+        u, v = uu[..., :r] * ss[..., None, :r], vh[..., :r, :].transpose(-1, -2)
+    else:
+        k = r + OVERSAMPLE
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        omega = torch.randn(d, k, generator=g, dtype=work.dtype).to(work.device)
+        basis = torch.linalg.qr(work @ omega).Q  # [Q, P, k]
+        for _ in range(POWER_ITERATIONS):
+            basis = torch.linalg.qr(work.transpose(1, 2) @ basis).Q  # [Q, d, k]
+            basis = torch.linalg.qr(work @ basis).Q  # [Q, P, k]
+        small = basis.transpose(1, 2) @ work  # [Q, k, d]
+        uu, ss, vh = torch.linalg.svd(small, full_matrices=False)
+        u = (basis @ uu[..., :r]) * ss[..., None, :r]
+        v = vh[..., :r, :].transpose(-1, -2)
+    u = u.to(m.dtype).reshape(q, spec.n_blocks, spec.p, r)
+    return u, v.to(m.dtype).reshape(q, 1, d, r)
+
+
+def chunk_ihvps(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, methods: tuple[str, ...],
+                ft_factors: Factors | None = None, pt_factors: Factors | None = None,
+                damping_ft: float | str = 1e-4, damping_pt: float | str = 1e-4, rank: int = 0,
+                batch_size: int = 8, pad_id: int | None = None) -> dict[str, QueryIHVPs]:
+    """Query iHVPs of every method for the queries in ``encoded``, a slice of :data:`QUERY_SLICE` queries at a
+    time: each slice's measurement gradients (on ``model``, θ_ft) are preconditioned for every method and
+    dropped, so memory holds the iHVPs and one slice's gradients."""
+    parts: dict[str, list[QueryIHVPs]] = {m: [] for m in methods}
+    for lo in range(0, len(encoded), QUERY_SLICE):
+        grads = measurement_gradients(model, specs, encoded.subset(range(lo, min(lo + QUERY_SLICE, len(encoded)))),
+                                      batch_size, pad_id)
+        for m in methods:
+            parts[m].append(query_ihvps(grads, specs, m, ft_factors, pt_factors, damping_ft, damping_pt, rank))
+        del grads
+    return {m: QueryIHVPs.concat(p) for m, p in parts.items()}
+
+
 def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], method: str,
                 ft_factors: Factors | None = None, pt_factors: Factors | None = None,
-                damping_ft: float | str = 1e-4, damping_pt: float | str = 1e-4, rank: int = 0) -> QueryIHVPs:
+                damping_ft: float | str = 1e-4, damping_pt: float | str = 1e-4, rank: int = 0,
+                rank_scope: str = "module") -> QueryIHVPs:
     """Precondition measurement gradients for ``method`` (``ms_if``, ``ss_if`` or ``gdp``).
 
     ``ms_if`` needs both factor sets; ``ss_if`` the fine-tune factors. Modules missing from a factor
@@ -196,6 +280,8 @@ def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], meth
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if rank_scope not in ("module", "block"):
+        raise ValueError(f"rank_scope must be 'module' or 'block', got {rank_scope!r}")
     m = get_method(method)
     if m.finetune_factors and ft_factors is None:
         raise ValueError(f"{method} needs the fine-tuned model's EK-FAC factors")
@@ -203,7 +289,7 @@ def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], meth
         raise ValueError(f"{method} needs the pre-trained model's EK-FAC factors")
     out = QueryIHVPs(method, {}, rank=rank, manifest={
         "damping_ft": damping_ft if m.finetune_factors else None,
-        "damping_pt": damping_pt if m.pretrain_factors else None})
+        "damping_pt": damping_pt if m.pretrain_factors else None} | ({"rank_scope": rank_scope} if rank else {}))
     tokens = isinstance(grads, MeasurementGradients)
     for s in specs:
         if m.finetune_factors and s.name not in ft_factors.specs:
@@ -212,17 +298,26 @@ def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], meth
         if m.pretrain_factors and s.name not in pt_factors.specs:
             log.info("skipping %s: not in the pre-train factors", s.name)
             continue
-        if not m.finetune_factors:  # GDP: ∇m as is
-            g = grads[s.name]
-        else:  # P_ft ∇m, then (MS-IF) P_pt of that
-            then = pt_factors if m.pretrain_factors else None
-            tok = grads.tokens(s.name) if tokens else None
-            g = (ft_factors.precondition_tokens(s.name, *tok, damping_ft, then=then, then_damping=damping_pt)
-                 if tok is not None
-                 else ft_factors.precondition(s.name, grads[s.name], damping_ft, then=then, then_damping=damping_pt))
         out.specs[s.name] = s
+        n_q = grads.n_queries if tokens else grads[s.name].shape[0]
+        pieces = []
+        for lo in range(0, n_q, QUERY_SLICE):  # a slice of queries at a time: temporaries stay bounded
+            sl = slice(lo, min(lo + QUERY_SLICE, n_q))
+            if not m.finetune_factors:  # GDP: ∇m as is
+                g = grads[s.name][sl]
+            else:  # P_ft ∇m, then (MS-IF) P_pt of that
+                then = pt_factors if m.pretrain_factors else None
+                tok = grads.tokens(s.name) if tokens else None
+                g = (ft_factors.precondition_tokens(s.name, tok[0][sl], tok[1][sl], damping_ft, then=then,
+                                                    then_damping=damping_pt) if tok is not None
+                     else ft_factors.precondition(s.name, grads[s.name][sl], damping_ft, then=then,
+                                                  then_damping=damping_pt))
+            if rank > 0:
+                g = low_rank_module(g, s, rank) if rank_scope == "module" else _low_rank(g, s, rank)
+            pieces.append(g)
         if rank > 0:
-            out.u[s.name], out.v[s.name] = _low_rank(g, s, rank)
+            out.u[s.name] = torch.cat([u for u, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
+            out.v[s.name] = torch.cat([v for _, v in pieces]) if len(pieces) > 1 else pieces[0][1]
         else:
-            out.dense[s.name] = g
+            out.dense[s.name] = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
     return out

@@ -7,6 +7,10 @@ preconditioned. Two equivalent contractions are available, chosen per module by 
 - ``"gradient"``: form the batch's per-sequence gradients ``Σ_t ds_t a_tᵀ`` (the work a backward pass
   does for weight gradients, freed right after) and take their inner products with all ``Q̃``;
 - ``"low_rank"``: with rank-r query iHVPs ``U Vᵀ``, ``Σ_t (ds_tᵀ U)(Vᵀ a_t)``, never forming a gradient.
+
+Dense query iHVPs are laid out once per call; rank-r ones are expanded one module and a slice of
+queries at a time, only when that module's group of gradients is scored, and freed at once: memory then
+holds the low-rank factors and one slice's expansion of one module, never every module's.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from torch import nn
 from .data import Encoded, iter_batches
 from .gradients import analysed_grads_only, forward_backward
 from .models import ModuleSpec
-from .query import QueryIHVPs
+from .query import QUERY_SLICE, QueryIHVPs
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,9 @@ class ScoreResult:
         return self.by_block[:, sel, :].sum(axis=1) if sel.any() else np.zeros_like(self.scores)
 
 
-def _costs(spec: ModuleSpec, t: int, q: int, r: int) -> tuple[float, float]:
+def _costs(spec: ModuleSpec, t: int, q: int, r: int, shared_v: bool = False) -> tuple[float, float]:
     dense = t * spec.out_features * spec.d + q * spec.out_features * spec.d
-    low = t * q * r * (spec.out_features + spec.n_blocks * spec.d) if r else float("inf")
+    low = t * q * r * (spec.out_features + (1 if shared_v else spec.n_blocks) * spec.d) if r else float("inf")
     return dense, low
 
 
@@ -82,11 +86,12 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
     first_col = dict(zip([s.name for s in specs], np.cumsum([0] + [s.n_blocks for s in specs]).tolist()))
     by_block = torch.zeros(n, len(blocks), nq, dtype=torch.float64)
     losses = torch.zeros(n, dtype=torch.float64)
-    # per block, the queries' iHVPs as rows: [n, Q, p·d], so that scoring a group is one matrix product
+    # per block, the queries' iHVPs as rows: [n, Q, p·d], so that scoring a group is one matrix product;
+    # laid out now for dense iHVPs, at each flush for low-rank ones (one module's expansion at a time)
     dense = {s.name: ihvps.block_rows(s.name, dev, dtype) for s in specs
-             if ihvps.rank == 0 or strategy != "low_rank"}
+             if ihvps.rank == 0 and s.name in ihvps.dense}
     uv = {s.name: (ihvps.u[s.name].to(dev, dtype), ihvps.v[s.name].to(dev, dtype))
-          for s in specs if ihvps.rank > 0}
+          for s in specs if s.name in ihvps.u}
     seq_bytes = sum(s.out_features * s.d for s in specs) * torch.finfo(dtype).bits // 8
     # a group as large as the number of queries (reading the iHVPs then costs about what writing the
     # group's gradients does), within the memory budget, in whole batches (an overflowing batch flushes first)
@@ -102,10 +107,17 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
         rows, k = held.pop(name, []), filled.pop(name, 0)
         if not k:
             return
-        g = bufs[name][:k]  # [k, n, p·d]
-        sc = torch.matmul(dense[name], g.permute(1, 2, 0))  # [n, Q, k]
-        col = first_col[name]
-        by_block[torch.cat(rows), col:col + ihvps.specs[name].n_blocks] = sc.permute(2, 0, 1).double().cpu()
+        g = bufs[name][:k].permute(1, 2, 0)  # [n, p·d, k]
+        col, n_blocks = first_col[name], ihvps.specs[name].n_blocks
+        idx = torch.cat(rows)
+        if name in dense:
+            sc = torch.matmul(dense[name], g)  # [n, Q, k]
+            by_block[idx, col:col + n_blocks] = sc.permute(2, 0, 1).double().cpu()
+            return
+        for lo in range(0, nq, QUERY_SLICE):  # rank r: expand a slice of queries at a time, then free it
+            sl = slice(lo, min(lo + QUERY_SLICE, nq))
+            sc = torch.matmul(ihvps.block_rows(name, dev, dtype, sl), g)  # [n, q, k]
+            by_block[idx, col:col + n_blocks, sl] = sc.permute(2, 0, 1).double().cpu()
 
     def add(name: str, rows: torch.Tensor, ds: torch.Tensor, a: torch.Tensor) -> None:
         s = ihvps.specs[name]
@@ -131,12 +143,14 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
             rows = torch.tensor(batch.index)
             for s in specs:
                 a, ds = cap.a[s.name], cap.ds[s.name]
-                c_dense, c_low = _costs(s, t, nq, ihvps.rank)
+                shared = s.name in uv and uv[s.name][1].shape[1] == 1
+                c_dense, c_low = _costs(s, t, nq, ihvps.rank, shared)
                 use_low = strategy == "low_rank" or (strategy == "auto" and c_low < c_dense and s.name in uv)
                 if use_low:
-                    u, v = uv[s.name]  # [Q, n, p, r], [Q, n, d, r]
+                    u, v = uv[s.name]  # [Q, n, p, r], [Q, n or 1, d, r]
                     x = torch.einsum("btnp,qnpr->bnqrt", ds.view(b, t, s.n_blocks, s.p), u)
-                    y = torch.einsum("btd,qndr->bnqrt", a, v)
+                    y = (torch.einsum("btd,qdr->bqrt", a, v[:, 0]).unsqueeze(1) if shared  # one V per module
+                         else torch.einsum("btd,qndr->bnqrt", a, v))
                     col = first_col[s.name]
                     by_block[rows, col:col + s.n_blocks] = (x * y).sum(dim=(-1, -2)).double().cpu()  # [B, n, Q]
                 else:  # the batch's per-sequence gradients, scored with the group

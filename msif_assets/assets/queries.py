@@ -4,7 +4,11 @@ query_ihvps``)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -33,6 +37,86 @@ def _arrow(df: pd.DataFrame):
     return pa.Table.from_pandas(df, schema=schema, preserve_index=False)
 
 
+def chunk_dirs(layout, method: str) -> list[Path]:
+    """The chunk folders of one method's query iHVPs, in order (an older single folder counts as one)."""
+    root = layout.ihvps(method)
+    if (root / "manifest.json").exists():
+        return [root]
+    return sorted(d for d in root.glob("chunk_*") if d.is_dir())
+
+
+def _chunk_done(d: Path, key: str) -> bool:
+    """Whether chunk folder ``d`` holds iHVPs computed for ``key`` and still as written."""
+    from ..outputs import file_fingerprint
+
+    try:
+        done = json.loads((d / ".done").read_text())
+        return done.get("key") == key and done.get("file") == file_fingerprint(d / "ihvps.safetensors")
+    except (OSError, ValueError):
+        return False
+
+
+def write_chunks(step: Step, pt, ft, qenc, qids: list[str]) -> dict[str, Any]:
+    """Every gradient method's query iHVPs, query chunk by chunk within the memory plan, each chunk in its
+    own folder (``ihvps/<method>/chunk_00000``) marked done when written; a rerun after a failure keeps the
+    chunks already done for the same inputs and computes the rest."""
+    from msif_core.ekfac import Factors
+    from msif_core.models import fingerprint
+    from msif_core.plan import plan_memory
+    from msif_core.query import chunk_ihvps
+
+    from ..outputs import file_fingerprint
+
+    cfg, layout, s = step.cfg, step.layout, step.cfg.scores
+    ftf = ptf = None
+    inputs = {"methods": list(s.gradient_methods), "damping": [str(s.damping_finetune), str(s.damping_pretrain)],
+              "rank": s.query_rank, "ft": fingerprint(ft.model, ft.specs), "max_length": cfg.factors.max_length}
+    if s.needs_finetune_factors:
+        ftf = Factors.load(layout.finetune_factors, expect_fingerprint=inputs["ft"])
+        inputs["ft_factors"] = file_fingerprint(layout.finetune_factors / "factors.safetensors")
+    if s.needs_pretrain_factors:
+        ptf = Factors.load(layout.pretrain_factors, expect_fingerprint=fingerprint(pt.model, pt.specs))
+        inputs["pt_factors"] = file_fingerprint(layout.pretrain_factors / "factors.safetensors")
+    dev = next(ft.model.parameters()).device
+    plan = plan_memory(ft.specs, len(qids), s.query_rank, max(len(x) for x in qenc.input_ids),
+                       next(ft.model.parameters()).dtype, s.memory_gib, dev, cfg.factors.max_length)
+    step.log.info(plan.describe())
+    sq = dict.fromkeys(s.gradient_methods, 0.0)
+    resumed = []
+    for i, chunk in enumerate(plan.ranges()):
+        cq = [qids[j] for j in chunk]
+        key = hashlib.sha256(json.dumps(inputs | {"queries": cq}, sort_keys=True).encode()).hexdigest()
+        dirs = {m: layout.ihvps(m) / f"chunk_{i:05d}" for m in s.gradient_methods}
+        if all(_chunk_done(d, key) for d in dirs.values()):
+            resumed.append(i)
+            for m, d in dirs.items():
+                sq[m] += float(json.loads((d / "manifest.json").read_text()).get("sq_norm", 0.0))
+            continue
+        for m, ih in chunk_ihvps(ft.model, ft.specs, qenc.subset(chunk), s.gradient_methods, ftf, ptf,
+                                 s.damping_finetune, s.damping_pretrain, s.query_rank, cfg.factors.batch_size,
+                                 ft.pad_id).items():
+            norm = ih.sq_norm()
+            sq[m] += norm
+            (dirs[m] / ".done").unlink(missing_ok=True)
+            ih.manifest.update(query_ids=cq, chunk=i, chunks=plan.chunks, sq_norm=norm)
+            ih.save(dirs[m])
+            (dirs[m] / ".done").write_text(json.dumps({"key": key,
+                                                       "file": file_fingerprint(dirs[m] / "ihvps.safetensors")}))
+        step.log.info(f"query iHVPs: chunk {i + 1}/{plan.chunks} ({len(cq)} queries) written")
+    for m in s.gradient_methods:  # what an earlier run left beyond this plan, or in the single-folder layout
+        root = layout.ihvps(m)
+        for f in ("manifest.json", "ihvps.safetensors"):
+            (root / f).unlink(missing_ok=True)
+        for d in root.glob("chunk_*"):
+            if d.is_dir() and int(d.name.split("_")[1]) >= plan.chunks:
+                shutil.rmtree(d)
+    if resumed:
+        step.log.info(f"query iHVPs: resumed, chunks {resumed} were already on disk for the same inputs")
+    md: dict[str, Any] = {f"norm/{m}": math.sqrt(v) for m, v in sq.items()}
+    md |= {f"plan/{k}": v for k, v in plan.as_dict().items()} | {"resumed_chunks": len(resumed)}
+    return md
+
+
 @asset("query_ihvps", "scores",
        "Measurement gradients ∇m of the queries on θ_ft, preconditioned per method (MS-IF: P_pt P_ft ∇m; "
        "SS-IF: P_ft ∇m; GDP: ∇m), and the queries with the fine-tuned model's answers.",
@@ -44,10 +128,6 @@ def _arrow(df: pd.DataFrame):
 def query_ihvps(step: Step) -> dg.MaterializeResult:
     """Query iHVPs of every gradient method, and the queries table."""
     from msif_core.api import answer_queries, encode_queries
-    from msif_core.ekfac import Factors
-    from msif_core.models import fingerprint
-    from msif_core.query import measurement_gradients
-    from msif_core.query import query_ihvps as precondition
 
     cfg, layout = step.cfg, step.layout
     pt, ft = step.stages()
@@ -61,19 +141,7 @@ def query_ihvps(step: Step) -> dg.MaterializeResult:
                           "completion_tokens": int(sum(sum(m) for m in qenc.loss_mask))}
     s = cfg.scores
     if s.gradient_methods:
-        grads = measurement_gradients(ft.model, ft.specs, qenc, cfg.factors.batch_size, ft.pad_id)
-        ftf = ptf = None
-        if s.needs_finetune_factors:
-            ftf = Factors.load(layout.finetune_factors, expect_fingerprint=fingerprint(ft.model, ft.specs))
-        if s.needs_pretrain_factors:
-            ptf = Factors.load(layout.pretrain_factors, expect_fingerprint=fingerprint(pt.model, pt.specs))
-        for m in s.gradient_methods:
-            ih = precondition(grads, ft.specs, m, ftf, ptf, s.damping_finetune, s.damping_pretrain, s.query_rank)
-            ih.manifest["query_ids"] = qids
-            ih.save(layout.ihvps(m))
-            norm = math.sqrt(sum(float((ih.matrix(n).double() ** 2).sum()) for n in ih.specs))
-            md[f"norm/{m}"] = norm
-            step.log.info(f"query iHVPs for {m}: {len(qids)} queries, ‖·‖ = {norm:.4g}")
+        md |= write_chunks(step, pt, ft, qenc, qids)
     answers, correct = answer_queries(ft, q.prompt.astype(str).tolist(), q.completion.tolist())
     table = pd.DataFrame({
         "query_id": q.query_id, "prompt": q.prompt.astype(str), "completion": q.completion.astype(str),

@@ -18,7 +18,7 @@ from ..markdown import md_table
 from ..sources import CORPUS_PARTITIONS
 from .base import Step, Timer, asset, fix
 from .corpus import read_documents
-from .queries import read_queries_table
+from .queries import chunk_dirs, read_queries_table
 
 
 def _scores_schema():
@@ -39,6 +39,7 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
     """Score one shard's candidate pairs with every configured method; the long table and metadata."""
     from msif_core.api import encode_queries
     from msif_core.data import encode_documents
+    from msif_core.plan import plan_memory
     from msif_core.query import QueryIHVPs
 
     cfg, layout = step.cfg, step.layout
@@ -53,33 +54,53 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
                           "document_tokens": enc.n_tokens, "truncated_documents": enc.n_truncated}
     frames = []
     dev = next(pt.model.parameters()).device
+    position = {d: i for i, d in enumerate(kept.doc_id)}
+    group_mib = plan_memory(pt.specs, 1, cfg.scores.query_rank, 8, next(pt.model.parameters()).dtype,
+                            cfg.scores.memory_gib, dev, cfg.factors.max_length).group_mib
     for m in cfg.scores.methods:
         t = Timer()
-        kw: dict[str, Any] = {}
-        qids = scored_q.query_id.tolist()
-        if registry.get(m).gradient:
-            ih = QueryIHVPs.load(layout.ihvps(m), device=dev)
-            qids = list(ih.manifest["query_ids"])
-            if set(qids) != set(scored_q.query_id):
-                raise CorruptTableError(f"query iHVPs of {m} hold other queries than {layout.queries}. "
-                                        f"Fix: {fix('query_ihvps')}")
-            kw["ihvps"] = ih
-        elif m == "repsim":
-            qenc = encode_queries(ft, scored_q.prompt.tolist(), scored_q.completion.tolist(), cfg.factors.max_length)
-            qids = scored_q.query_id.iloc[qenc.kept].tolist()
-            kw["queries"] = qenc
+        if registry.get(m).gradient:  # query chunk by chunk: each chunk's candidates only
+            dirs = chunk_dirs(layout, m)
+            seen: list[str] = []
+            for d in dirs:
+                ih = QueryIHVPs.load(d, device=dev)
+                cq = list(ih.manifest["query_ids"])
+                seen += cq
+                cc = cands[cands.query_id.isin(set(cq))]
+                pos = sorted({position[x] for x in cc.doc_id if x in position})
+                if not pos:
+                    continue
+                try:
+                    res = registry.score(m, pt, ft, enc.subset(pos), ihvps=ih, batch_size=cfg.factors.batch_size,
+                                         group_mib=group_mib)
+                except ValueError as e:
+                    raise dg.Failure(str(e)) from e
+                long = long_table(res.scores, kept.doc_id.iloc[pos].tolist(), cq, m, res.mlp, res.mha)
+                frames.append(long.merge(cc[["query_id", "doc_id", "distance"]], on=["query_id", "doc_id"],
+                                         how="inner"))
+                md[f"candidate_pairs/{m}"] = md.get(f"candidate_pairs/{m}", 0) + len(pos) * len(cq)
+                del ih, res
+            if not dirs or sorted(seen) != sorted(scored_q.query_id):
+                raise CorruptTableError(f"query iHVPs of {m} in {layout.ihvps(m)} hold other queries than "
+                                        f"{layout.queries}. Fix: {fix('query_ihvps')}")
+            md[f"passes/{m}"] = len(dirs)
+            md[f"docs_per_second/{m}"] = round(md.get(f"candidate_pairs/{m}", 0) / max(len(scored_q), 1)
+                                               / max(t.seconds, 1e-9), 2)
         else:
-            kw.update(query_texts=(scored_q.prompt + scored_q.completion).tolist(), corpus_texts=docs.text.tolist(),
-                      positions=pd.Index(docs.doc_id).get_indexer(kept.doc_id))
-        try:
+            kw: dict[str, Any] = {}
+            qids = scored_q.query_id.tolist()
+            if m == "repsim":
+                qenc = encode_queries(ft, scored_q.prompt.tolist(), scored_q.completion.tolist(),
+                                      cfg.factors.max_length)
+                qids = scored_q.query_id.iloc[qenc.kept].tolist()
+                kw["queries"] = qenc
+            else:
+                kw.update(query_texts=(scored_q.prompt + scored_q.completion).tolist(),
+                          corpus_texts=docs.text.tolist(), positions=pd.Index(docs.doc_id).get_indexer(kept.doc_id))
             res = registry.score(m, pt, ft, enc, batch_size=cfg.factors.batch_size, **kw)
-        except ValueError as e:
-            raise dg.Failure(str(e)) from e
-        if "docs_per_s" in res.timings:
-            md[f"docs_per_second/{m}"] = round(res.timings.get("docs_per_s", 0.0), 2)
-            md[f"tokens_per_second/{m}"] = round(res.timings.get("tokens", 0) / max(t.seconds, 1e-9), 1)
-        long = long_table(res.scores, kept.doc_id.tolist(), qids, m, res.mlp, res.mha)
-        frames.append(long.merge(cands[["query_id", "doc_id", "distance"]], on=["query_id", "doc_id"], how="inner"))
+            long = long_table(res.scores, kept.doc_id.tolist(), qids, m, res.mlp, res.mha)
+            frames.append(long.merge(cands[["query_id", "doc_id", "distance"]], on=["query_id", "doc_id"],
+                                     how="inner"))
         md[f"seconds/{m}"] = round(t.seconds, 3)
     table = pd.concat(frames, ignore_index=True).rename(columns={"distance": "candidate_distance"})
     table = with_rank(table, "shard_rank")

@@ -148,8 +148,9 @@ def test_rank_r_query_ihvps():
     w = world("gpt_neox")
     grads = measurement_gradients(w.ft, w.specs, w.queries, pad_id=PAD)
     dense = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT)
-    full = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT, rank=FULL_RANK)
-    r2 = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT, rank=2)
+    full = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT, rank=FULL_RANK,
+                       rank_scope="block")
+    r2 = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT, rank=2, rank_scope="block")
     for s in w.specs:
         assert rel_err(full.matrix(s.name), dense.matrix(s.name)) < 1e-10
         m2 = r2.matrix(s.name).reshape(3, s.n_blocks, s.p, s.d)
@@ -173,6 +174,60 @@ def test_rank_r_query_ihvps():
     assert rel_err(low, exact_scores) > 1e-4  # rank 2 is an approximation here
 
 
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_module_rank_r_query_ihvps(arch: str):
+    """Rank r of each module's whole [P, d] iHVP (one V shared by its blocks): the best rank-r matrix of
+    the exact per-block preconditioning, stored in (P + d)·r numbers, and every contraction scores it
+    exactly, block by block."""
+    w = world(arch)
+    grads = measurement_gradients(w.ft, w.specs, w.queries, pad_id=PAD)
+    dense = query_ihvps(grads, w.specs, "ms_if", ft_factors=w.ft_f, pt_factors=w.pt_f, damping_ft=DAMP_FT,
+                        damping_pt=DAMP_PT)
+    r2 = query_ihvps(grads, w.specs, "ms_if", ft_factors=w.ft_f, pt_factors=w.pt_f, damping_ft=DAMP_FT,
+                     damping_pt=DAMP_PT, rank=2)
+    assert r2.manifest["rank_scope"] == "module"
+    for s in w.specs:
+        u, v = r2.u[s.name], r2.v[s.name]
+        assert u.shape == (3, s.n_blocks, s.p, 2) and v.shape == (3, 1, s.d, 2)  # (P + d)·r numbers
+        exact, m2 = dense.matrix(s.name), r2.matrix(s.name)
+        assert (torch.linalg.matrix_rank(m2) <= 2).all()
+        sv = torch.linalg.svdvals(exact)  # of the whole module matrix, not per block
+        torch.testing.assert_close(torch.linalg.matrix_norm(exact - m2), sv[..., 2:].norm(dim=-1), rtol=1e-8,
+                                   atol=1e-12)
+        torch.testing.assert_close(r2.block_rows(s.name), m2.reshape(3, s.n_blocks, -1).transpose(0, 1),
+                                   rtol=1e-12, atol=1e-14)
+    docs_g = {s.name: torch.stack([g[s.name] for g in w.grad_pt]).double() for s in w.specs}  # [N, P, d]
+    want_blocks = np.stack([torch.einsum("npd,qpd->nq", docs_g[s.name][:, b.row_start:b.row_stop],
+                                         r2.matrix(s.name)[:, b.row_start:b.row_stop].double()).numpy()
+                            for s in w.specs for b in s.blocks], axis=1)  # [N, blocks, Q], explicit
+    for strategy in ("low_rank", "gradient", "auto"):
+        res = score_documents(w.pt, r2, w.docs, batch_size=3, pad_id=PAD, strategy=strategy)
+        assert rel_err(res.by_block, want_blocks) < 1e-9, strategy
+
+
+def test_randomized_module_rank_is_near_optimal_and_seeded():
+    """Large modules take the randomized range finder: seeded (same factors twice), and within 1% of the
+    best rank-r error on a matrix with a decaying spectrum."""
+    from msif_core.models import Block, ModuleSpec
+    from msif_core.query import low_rank_module
+
+    g = torch.Generator().manual_seed(5)
+    big_p, d, r = 240, 96, 6
+    left = torch.linalg.qr(torch.randn(2, big_p, d, generator=g, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(2, d, d, generator=g, dtype=torch.float64)).Q
+    spectrum = 0.7 ** torch.arange(d, dtype=torch.float64)
+    m = left @ torch.diag_embed(spectrum.expand(2, d)) @ right.transpose(1, 2)
+    spec = ModuleSpec("x", "mlp", "linear", d - 1, big_p, True, (Block("x", "x", "mlp", "out", None, 0, big_p),))
+    assert min(big_p, d) > 2 * (r + 10)  # the randomized path
+    u, v = low_rank_module(m, spec, r)
+    u2, v2 = low_rank_module(m, spec, r)
+    assert torch.equal(u, u2) and torch.equal(v, v2)
+    approx = (u.reshape(2, big_p, r) @ v[:, 0].transpose(1, 2))
+    best = spectrum[r:].norm()
+    err = torch.linalg.matrix_norm(m - approx)
+    assert (err <= 1.01 * best).all(), (err, best)
+
+
 def test_batch_size_and_padding_do_not_change_scores():
     w = world("bloom")
     grads = measurement_gradients(w.ft, w.specs, w.queries, pad_id=PAD)
@@ -191,7 +246,7 @@ def test_auto_contraction_mixing_strategies_across_grouped_batches():
     of all): every combination gives the explicitly computed scores."""
     w = world("gpt_neox")
     grads = measurement_gradients(w.ft, w.specs, w.queries, pad_id=PAD)
-    ih = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT, rank=4)
+    ih = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT, rank=4, rank_scope="block")
     docs = random_docs(8, 2, 6, seed=34)
     lengths = sorted({len(x) for x in docs.input_ids})
     chosen = {(s.name, t): _costs(s, t, 3, 4)[1] < _costs(s, t, 3, 4)[0] for s in w.specs for t in lengths}

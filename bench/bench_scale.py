@@ -114,7 +114,9 @@ def one(args) -> dict:
     ft = _perturbed(pt)
     specs = discover_modules(pt)
     out = Path(args.factors)
-    ptf, ftf = Factors.load(out / "pt", device=args.device), Factors.load(out / "ft", device=args.device)
+    cast = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    ptf, ftf = (Factors.load(out / s, device=args.device, dtype=None if args.factors_float64 else cast)
+                for s in ("pt", "ft"))
     docs, queries = _docs(args.docs, args.doc_length, 21), _queries(args.n_queries, args.query_length, 22)
     stage = lambda m: Stage(LoadedModel(m, None, "", "causal_lm"), specs)  # noqa: E731
     settings = AttributionSettings(methods=tuple(args.methods.split(",")), query_rank=args.rank,
@@ -137,6 +139,7 @@ def one(args) -> dict:
     return {"shape": args.shape, "dtype": args.dtype, "device": args.device, "queries": len(queries),
             "rank": args.rank, "docs": len(docs), "doc_length": args.doc_length, "query_length": args.query_length,
             "methods": args.methods, "memory_gib": args.memory_gib, "plan": plan.as_dict(),
+            "factors_dtype": "float64" if args.factors_float64 else str(cast).replace("torch.", ""),
             "analysed_parameters": sum(s.out_features * s.d for s in specs), "peak_rss_gib": round(peak / 2**30, 3),
             "seconds": round(total_s, 1), "query_side_s": round(stats["query_s"], 1),
             "scoring_s": round(stats["score_s"], 1), "plain_pass_s": round(plain_s, 2), "rows": rows,
@@ -159,6 +162,7 @@ def main() -> None:
     ap.add_argument("--methods", default="ms_if")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--factors-float64", action="store_true", help="keep the factors in float64 as stored")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.jsonl"))
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)

@@ -127,6 +127,7 @@ def outputs_problems(instance: dg.DagsterInstance, cfg: ExperimentConfig, asset_
     """(asset key, partition) → why, for every materialised asset partition whose files changed."""
     from .assets import NODES
     from .outputs import stale_units
+    from .runner import ROOT_BOUND
 
     units = []
     for n in NODES:
@@ -134,4 +135,4 @@ def outputs_problems(instance: dg.DagsterInstance, cfg: ExperimentConfig, asset_
             continue
         parts = sorted(instance.get_dynamic_partitions(n.partitions.name)) if n.partitions is not None else [None]
         units += [(dg.AssetKey(n.name), p) for p in parts]
-    return stale_units(instance, units, cfg.root)
+    return stale_units(instance, units, cfg.root, root_bound=ROOT_BOUND)

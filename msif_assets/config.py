@@ -222,8 +222,9 @@ def resolve_corpus_files(spec: str) -> list[Path]:
 def table_columns(path: Path) -> list[str]:
     """Column names of a Parquet or JSONL table (JSONL: the keys of its first record)."""
     if path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
+        with path.open("rb") as fh:  # decode line by line: a bad byte further on is the data check's to name
+            for raw in fh:
+                line = raw.decode("utf-8")
                 if line.strip():
                     return list(json.loads(line).keys())
         return []
@@ -272,8 +273,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     for sec, key in sorted(_REQUIRED):
         if (sec, key) not in values and not any(e.startswith(f"[{sec}] {key} ") for e in errors):
             errors.append(f"[{sec}] {key} is required")
-    if errors:
-        raise ConfigError(f"{name}: " + "; ".join(errors))
+    # values of the wrong type were left out of ``values``: the checks below see their defaults, so every
+    # problem of the file is reported together
 
     def get(sec: str, key: str) -> Any:
         return values.get((sec, key), _SCHEMA[sec][key][1])

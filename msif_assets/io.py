@@ -98,12 +98,16 @@ def read_records(path: Path, what: str, columns: Sequence[str]) -> pd.DataFrame:
         rows = []
         line_no = 0
         try:
-            with path.open(encoding="utf-8") as fh:
-                for line in fh:
+            with path.open("rb") as fh:
+                for raw in fh:
                     line_no += 1
+                    line = raw.decode("utf-8")
                     if line.strip():
                         rows.append(json.loads(line))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise CorruptTableError(f"{what}: {path} line {line_no} is not UTF-8 text ({e.reason} at byte {e.start} "
+                                    f"of the line). Fix: {fix}") from e
+        except (OSError, json.JSONDecodeError) as e:
             raise CorruptTableError(f"{what}: {path} line {line_no} is not valid JSON ({e}). Fix: {fix}") from e
         df = pd.DataFrame(rows)
         missing = [c for c in columns if c not in df.columns]

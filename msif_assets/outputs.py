@@ -18,6 +18,7 @@ from pathlib import Path
 import dagster as dg
 
 OUTPUTS_KEY = "msif/outputs"
+ROOT_KEY = "msif/root"  # the lakehouse root the asset wrote under (msif.duckdb's views hold absolute paths)
 _WHOLE = 8 * 2**20
 _PART = 4 * 2**20
 
@@ -83,14 +84,31 @@ def recorded_outputs(instance: dg.DagsterInstance, key: dg.AssetKey,
     return dict(value.value) if value is not None else None
 
 
+def _recorded_root(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None) -> str | None:
+    flt = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition is not None else None)
+    recs = instance.fetch_materializations(flt, limit=1, ascending=False).records
+    if not recs or recs[0].asset_materialization is None:
+        return None
+    value = recs[0].asset_materialization.metadata.get(ROOT_KEY)
+    return None if value is None else str(value.value)
+
+
 def stale_units(instance: dg.DagsterInstance, units: Iterable[tuple[dg.AssetKey, str | None]], root: Path,
                 expected: Mapping[str, Callable[[str | None], list]] | None = None,
-                ) -> dict[tuple[dg.AssetKey, str | None], str]:
+                root_bound: Iterable[str] = ()) -> dict[tuple[dg.AssetKey, str | None], str]:
     """(asset, partition) → why, for every materialised unit whose recorded outputs are missing or
     altered. A materialisation without a record (written by an older msif) is checked for the files
-    ``expected[asset](partition)`` says it writes: their absence makes it stale too."""
+    ``expected[asset](partition)`` says it writes: their absence makes it stale too. The assets in
+    ``root_bound`` write the root itself into their files: written under another root (the lakehouse was
+    moved or copied), they are stale."""
     out = {}
+    bound = set(root_bound)
     for key, part in units:
+        if key.to_user_string() in bound:
+            was = _recorded_root(instance, key, part)
+            if was is not None and Path(was) != Path(root).resolve():
+                out[(key, part)] = f"it was written under {was}, and the lakehouse is now at {Path(root).resolve()}"
+                continue
         rec = recorded_outputs(instance, key, part)
         if rec:
             found = problems(rec, root)

@@ -55,9 +55,18 @@ def check_data(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
         except CorruptTableError as e:
             errors.append(str(e))
             continue
+        for col in ("doc_id", "text"):
+            bad = df.index[df[col].isna()]
+            if len(bad):
+                errors.append(f"[data] pretraining_corpus: {f}: {len(bad)} row(s) have no {col} (rows "
+                              f"{', '.join(str(i + 1) for i in bad[:5])}); every document needs a doc_id and a text")
+        if not pd.api.types.is_string_dtype(df["doc_id"]) and not df.empty and df["doc_id"].notna().all() \
+                and not all(isinstance(x, str) for x in df["doc_id"]):
+            warnings.append(f"[data] pretraining_corpus: {f}: doc_id values are not strings "
+                            f"({type(df['doc_id'].iloc[0]).__name__}); they are compared as text")
         ids.append(pd.DataFrame({"doc_id": df["doc_id"].astype(str), "file": f.name}))
+    corpus = pd.concat(ids, ignore_index=True) if ids else pd.DataFrame({"doc_id": [], "file": []})
     if not errors:
-        corpus = pd.concat(ids, ignore_index=True) if ids else pd.DataFrame({"doc_id": [], "file": []})
         if corpus.empty:
             errors.append(f"[data] pretraining_corpus: {cfg.pretraining_corpus} holds no documents; give it at "
                           f"least one row of doc_id, text")
@@ -74,10 +83,14 @@ def check_data(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
             errors.append(f"[data] queries: {cfg.queries}: query_id must be unique; repeated: {_ids(pd.Series(dup))}")
         if q.empty:
             errors.append(f"[data] queries: {cfg.queries} holds no query")
+        if q["query_id"].isna().any() or q["prompt"].isna().any():
+            errors.append(f"[data] queries: {cfg.queries}: every query needs a query_id and a prompt")
         blank = qid[_empty(q["completion"])]
         if len(blank):
             warnings.append(f"[data] queries: {len(blank)} of {len(q)} queries have an empty completion and will not "
                             f"be scored: {_ids(blank)} ({cfg.queries})")
+        if "true_doc_ids" in q:
+            errors += _check_truth(cfg, qid, q["true_doc_ids"], set(corpus.doc_id), warnings)
     except CorruptTableError as e:
         errors.append(str(e))
     try:
@@ -96,14 +109,43 @@ def check_data(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
     return errors, warnings
 
 
+def _check_truth(cfg: ExperimentConfig, qid: pd.Series, truth: pd.Series, doc_ids: set[str],
+                 warnings: list[str]) -> list[str]:
+    """``true_doc_ids``: each a list of doc_id strings (or missing); unknown ids are a warning."""
+    import numpy as np
+
+    bad, unknown = [], []
+    for q, x in zip(qid, truth):
+        if x is None or (isinstance(x, float) and np.isnan(x)):
+            continue
+        if not isinstance(x, (list, tuple, np.ndarray)) or not all(isinstance(d, str) for d in x):
+            bad.append(q)
+            continue
+        if doc_ids:
+            unknown += [f"{q}: {d}" for d in x if d not in doc_ids]
+    if unknown:
+        warnings.append(f"[data] queries: {len(unknown)} true_doc_ids name no document of the corpus "
+                        f"({', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}); they can never be found")
+    if bad:
+        return [f"[data] queries: {cfg.queries}: true_doc_ids must be a list of doc_id strings, e.g. [\"d001\"]; "
+                f"it is not for {_ids(pd.Series(bad))}"]
+    return []
+
+
 def preflight(cfg: ExperimentConfig) -> list[str]:
     """Run every check above; raise one ConfigError listing all errors, else return notices and warnings."""
     from .config import check_inputs
 
-    check_inputs(cfg)
+    errors: list[str] = []
+    try:
+        check_inputs(cfg)
+    except ConfigError as e:  # keep going: report what the other checks find too
+        errors += [x.strip() for x in str(e).split(": ", 1)[-1].split("; ") if x.strip()]
     e1, notices = check_checkpoints(cfg)
-    e2, warnings = check_data(cfg)
-    errors = e1 + e2
+    e1 = [x for x in e1 if not any(x.startswith(y.split(":", 1)[0] + ":") for y in errors)]
+    missing_data = any("[data]" in x for x in errors)
+    e2, warnings = ([], []) if missing_data else check_data(cfg)
+    errors += [x for x in e1 + e2 if x not in errors]
     if errors:
         name = str(cfg.source) if cfg.source else "demo config"
         raise ConfigError(f"{name}: " + "; ".join(errors))

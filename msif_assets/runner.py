@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 Unit = tuple[dg.AssetKey, str | None]  # (asset, partition key or None)
 _CURSOR = "msif/automation_cursor"
+ROOT_BOUND = ("score_tables",)  # msif.duckdb's views name their Parquet files by absolute path
 
 
 @dataclass
@@ -165,7 +166,7 @@ class Pipeline:
 
         layout = Layout(self.cfg.root)
         expected = {n.name: (lambda part, n=n: n.outputs(layout, part, self.cfg)) for n in NODES if n.outputs}
-        return stale_units(self.instance, self.all_units(), self.cfg.root, expected)
+        return stale_units(self.instance, self.all_units(), self.cfg.root, expected, root_bound=ROOT_BOUND)
 
     def _report_skipped(self, res: UpdateResult, skipped: set[Unit]) -> None:
         if not skipped:
@@ -319,7 +320,8 @@ class Pipeline:
             failed |= {(dg.AssetKey(a), r.partition) for r in recs for a in r.failed_assets}
         done = {(dg.AssetKey(a), p) for a, p in res.materialized}
         roots = {(dg.AssetKey(a), r.partition) for r in res.runs for a in r.errors_in}
-        self._report_skipped(res, skipped - roots - done)
+        # everything downstream of a failure is out of date now, whether this update asked for it or not
+        self._report_skipped(res, (skipped | self.downstream_units(roots)) - roots - done)
         res.seconds = time.perf_counter() - t0
         return res
 
@@ -331,7 +333,9 @@ class Pipeline:
         self.evaluate()  # start the automation cursor, so later updates compare against this state
         skipped: set[Unit] = set()
         res.runs = self.execute(self.all_units(), skipped)
-        self._report_skipped(res, skipped - {(dg.AssetKey(a), r.partition) for r in res.runs for a in r.errors_in})
+        roots = {(dg.AssetKey(a), r.partition) for r in res.runs for a in r.errors_in}
+        done = {(dg.AssetKey(a), p) for a, p in res.materialized}
+        self._report_skipped(res, (skipped | self.downstream_units(roots)) - roots - done)
         self.evaluate()  # consume the updates this run made (they are not changes to react to)
         res.seconds = time.perf_counter() - t0
         return res

@@ -1,6 +1,7 @@
 """``<root>/msif.duckdb``: DuckDB views over the Parquet tables, and the named queries in ``msif_assets/sql/``.
 
-Views (absolute paths, so ``duckdb <root>/msif.duckdb`` works from any folder):
+Views (absolute paths, so ``duckdb <root>/msif.duckdb`` works from any folder; ``score_tables`` names the
+current shards' files, so a stray file in a table folder is not read, and a moved lakehouse rebuilds it):
 
 - ``documents`` (doc_id, text, shard, row), ``queries`` (query_id, prompt, completion, true_doc_ids,
   answer, answer_correct, scored), ``candidates`` (query_id, doc_id, distance, neighbour_rank, shard);
@@ -34,10 +35,19 @@ def _lit(p: Path) -> str:
     return "'" + str(p).replace("'", "''") + "'"
 
 
-def view_statements(layout: Layout) -> list[str]:
-    """The CREATE VIEW statements for ``layout``."""
+def _files(paths: list[Path]) -> str:
+    return "[" + ", ".join(_lit(p) for p in paths) + "]"
+
+
+def view_statements(layout: Layout, shards: list[str] | None = None) -> list[str]:
+    """The CREATE VIEW statements for ``layout``: over the tables of ``shards`` by name (a stray file in a
+    table folder is not read), or of every file in the folders when ``shards`` is None."""
     t = layout.tables
-    docs, cands, scores = (_lit(t / d / "*.parquet") for d in ("documents", "candidates", "influence_scores"))
+    if shards:
+        docs, cands, scores = (_files([f(k) for k in shards])
+                               for f in (layout.documents, layout.candidates, layout.scores))
+    else:
+        docs, cands, scores = (_lit(t / d / "*.parquet") for d in ("documents", "candidates", "influence_scores"))
     return [
         f"CREATE OR REPLACE VIEW documents AS SELECT doc_id, text, shard, \"row\" FROM read_parquet({docs})",
         f"CREATE OR REPLACE VIEW queries AS SELECT * FROM read_parquet({_lit(layout.queries)})",
@@ -59,15 +69,16 @@ def view_statements(layout: Layout) -> list[str]:
     ]
 
 
-def create_database(layout: Layout) -> Path:
-    """(Re)write ``msif.duckdb`` with the views, atomically (temporary file + rename)."""
+def create_database(layout: Layout, shards: list[str] | None = None) -> Path:
+    """(Re)write ``msif.duckdb`` with the views (over ``shards``' tables, see :func:`view_statements`),
+    atomically (temporary file + rename)."""
     target = layout.database
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
         con = duckdb.connect(str(tmp))
         try:
-            for stmt in view_statements(layout):
+            for stmt in view_statements(layout, shards):
                 con.execute(stmt)
             con.execute("CHECKPOINT")
         finally:

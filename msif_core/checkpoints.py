@@ -104,6 +104,31 @@ def _weight_shapes(p: Path) -> tuple[dict[str, tuple[int, ...]], list[str]]:
     return shapes, problems
 
 
+def _tokenizer_problem(p: Path) -> str | None:
+    """Why the tokenizer in ``p`` cannot be loaded (its own messages silenced), or None."""
+    import contextlib
+    import io
+
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            tok = AutoTokenizer.from_pretrained(p, trust_remote_code=False)
+        if tok is None or not callable(tok) or len(tok) == 0:
+            return f"{p}: its tokenizer files load as an empty tokenizer; save the tokenizer with save_pretrained"
+        tok("a")
+    except Exception as e:  # noqa: BLE001 - any failure to load or run it is the checkpoint's
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (f"{p}: its tokenizer cannot be loaded ({type(e).__name__}: {first}); save it beside the model "
+                f"with tokenizer.save_pretrained (tokenizer.json)")
+    finally:
+        hf_logging.set_verbosity(level)
+    return None
+
+
 def checkpoint_problems(path: str | Path, need_tokenizer: bool = True) -> tuple[list[str], list[str]]:
     """What is wrong with a checkpoint folder, found without loading its weights: (errors, notices).
 
@@ -130,6 +155,10 @@ def checkpoint_problems(path: str | Path, need_tokenizer: bool = True) -> tuple[
     if need_tokenizer and not any((p / f).exists() for f in _TOKENIZER_FILES):
         errors.append(f"{p} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}, ...); save the tokenizer "
                       f"beside the model (tokenizer.save_pretrained)")
+    elif need_tokenizer:
+        problem = _tokenizer_problem(p)
+        if problem:
+            errors.append(problem)
     has_bin = any(p.glob("*.bin"))
     shapes, problems = _weight_shapes(p)
     errors += problems

@@ -244,7 +244,7 @@ def build(nodes: Sequence[Node], cfg: ExperimentConfig, embedder_name: str,
 def run_step(n: Node, step: Step) -> dg.MaterializeResult:
     """An asset's code under the lakehouse lock, its written files fingerprinted into the metadata."""
     from ..lock import locked
-    from ..outputs import OUTPUTS_KEY, fingerprint
+    from ..outputs import OUTPUTS_KEY, ROOT_KEY, fingerprint
 
     root = Path(step.cfg.root)
     with locked(root, on_wait=step.log.info):
@@ -253,7 +253,8 @@ def run_step(n: Node, step: Step) -> dg.MaterializeResult:
             return res
         part = step.key if n.partitions is not None else None
         fp = fingerprint(n.outputs(step.layout, part, step.cfg), root)
-    return dg.MaterializeResult(metadata={**(res.metadata or {}), OUTPUTS_KEY: dg.MetadataValue.json(fp)},
+    return dg.MaterializeResult(metadata={**(res.metadata or {}), OUTPUTS_KEY: dg.MetadataValue.json(fp),
+                                          ROOT_KEY: str(root.resolve())},
                                 data_version=res.data_version, check_results=res.check_results, tags=res.tags)
 
 

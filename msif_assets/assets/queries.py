@@ -60,6 +60,8 @@ def write_chunks(step: Step, pt, ft, qenc, qids: list[str]) -> dict[str, Any]:
     """Every gradient method's query iHVPs, query chunk by chunk within the memory plan, each chunk in its
     own folder (``ihvps/<method>/chunk_00000``) marked done when written; a rerun after a failure keeps the
     chunks already done for the same inputs and computes the rest."""
+    import torch
+
     from msif_core.ekfac import Factors
     from msif_core.models import fingerprint
     from msif_core.plan import plan_memory
@@ -71,11 +73,13 @@ def write_chunks(step: Step, pt, ft, qenc, qids: list[str]) -> dict[str, Any]:
     ftf = ptf = None
     inputs = {"methods": list(s.gradient_methods), "damping": [str(s.damping_finetune), str(s.damping_pretrain)],
               "rank": s.query_rank, "ft": fingerprint(ft.model, ft.specs), "max_length": cfg.factors.max_length}
+    dtype = next(ft.model.parameters()).dtype
+    cast = dtype if dtype in (torch.float32, torch.float64) else torch.float32  # preconditioning's own precision
     if s.needs_finetune_factors:
-        ftf = Factors.load(layout.finetune_factors, expect_fingerprint=inputs["ft"])
+        ftf = Factors.load(layout.finetune_factors, expect_fingerprint=inputs["ft"], dtype=cast)
         inputs["ft_factors"] = file_fingerprint(layout.finetune_factors / "factors.safetensors")
     if s.needs_pretrain_factors:
-        ptf = Factors.load(layout.pretrain_factors, expect_fingerprint=fingerprint(pt.model, pt.specs))
+        ptf = Factors.load(layout.pretrain_factors, expect_fingerprint=fingerprint(pt.model, pt.specs), dtype=cast)
         inputs["pt_factors"] = file_fingerprint(layout.pretrain_factors / "factors.safetensors")
     dev = next(ft.model.parameters()).device
     plan = plan_memory(ft.specs, len(qids), s.query_rank, max(len(x) for x in qenc.input_ids),

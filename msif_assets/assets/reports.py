@@ -26,7 +26,7 @@ def score_tables(step: Step) -> dg.MaterializeResult:
     missing = [k for k in keys if not layout.scores(k).exists()]
     if missing:
         raise dg.Failure(f"influence_scores partitions {missing} have no table yet; materialise them first")
-    create_database(layout)
+    create_database(layout, keys)
     con = step.lakehouse.duckdb()
     try:
         stats = con.execute("SELECT count(*), count(DISTINCT query_id), count(DISTINCT doc_id), "

@@ -237,6 +237,12 @@ def test_weights_that_disagree_with_config(fresh, capsys: pytest.CaptureFixture)
     ("empty_corpus", ["holds no documents"]),
     ("duplicate_doc_ids", ["doc_id must be unique", "d001"]),
     ("no_tokenizer", ["[models] finetuned", "no tokenizer files"]),
+    ("no_tokenizer_json", ["[models] finetuned", "tokenizer cannot be loaded"]),
+    ("null_doc_id", ["row(s) have no doc_id", "rows 4"]),
+    ("null_text", ["row(s) have no text"]),
+    ("bad_true_doc_ids", ["true_doc_ids must be a list of doc_id strings", "q1"]),
+    ("non_utf8", ["queries.jsonl line 2 is not UTF-8"]),
+    ("several", ["unknown key 'bogus'", "candidates must be >= 1"]),
 ])
 def test_bad_inputs_fail_before_any_work(fresh, capsys: pytest.CaptureFixture, case: str, words: list[str]) -> None:
     root, toml = fresh
@@ -258,9 +264,53 @@ def test_bad_inputs_fail_before_any_work(fresh, capsys: pytest.CaptureFixture, c
     elif case == "no_tokenizer":
         for f in (root / "ckpt" / "finetuned").glob("tokenizer*"):
             f.unlink()
+    elif case == "no_tokenizer_json":
+        (root / "ckpt" / "finetuned" / "tokenizer.json").unlink()
+    elif case in ("null_doc_id", "null_text"):
+        df = pd.read_parquet(corpus)
+        df.loc[3, "doc_id" if case == "null_doc_id" else "text"] = None
+        df.to_parquet(corpus, index=False)
+    elif case == "bad_true_doc_ids":
+        rows = [json.loads(x) for x in q.read_text().splitlines()]
+        rows[1]["true_doc_ids"] = "d003"
+        q.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif case == "non_utf8":
+        lines = q.read_bytes().splitlines()
+        q.write_bytes(b"\n".join(lines[:1] + [lines[1].replace(b"Question", b"Qu\xe9stion")] + lines[2:]) + b"\n")
+    elif case == "several":
+        toml.write_text(toml.read_text().replace("[scores]\n", "[scores]\nbogus = 1\ncandidates = -1\n")
+                        .replace("candidates = 4\n", ""))
     err = _config_error(toml, capsys)
     for w in words:
         assert w in err, (w, err)
+
+
+def test_stray_files_and_a_moved_lakehouse(world, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A file left in a table folder is not read by the views; a lakehouse moved elsewhere rebuilds its
+    DuckDB views (they name files by absolute path) and nothing else."""
+    root, toml, before, _ = world
+    lay = Layout(root / "lakehouse")
+    stray = lay.scores("shard_00099")
+    shutil.copy(lay.scores("shard_00000"), stray)
+    try:
+        capsys.readouterr()
+        rc, out, _ = _run(toml, capsys)
+        assert rc == 0
+        import duckdb
+
+        con = duckdb.connect(str(lay.database), read_only=True)
+        n = con.execute("SELECT count(*) FROM influence_scores").fetchone()[0]
+        con.close()
+        assert n == len(before)
+    finally:
+        stray.unlink()
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    rc, out, _ = _run(moved / "experiment.toml", capsys)
+    assert rc == 0 and "stale score_tables: it was written under" in out
+    ran = [line.split()[1].rstrip(",") for line in out.splitlines() if line.startswith("  ok ")]
+    assert ran and ran[0] == "score_tables" and set(ran) <= {"score_tables", "attribution_quality"}  # + reports
+    assert str(moved / "lakehouse" / "tables") in (moved / "lakehouse" / "msif.duckdb").read_bytes().decode("latin-1")
 
 
 def test_empty_completion_is_a_named_warning(fresh, capsys: pytest.CaptureFixture) -> None:

@@ -79,3 +79,25 @@ def test_rank_r_needs_far_less_per_query_at_realistic_shapes() -> None:
     plan = plan_memory(specs, 200, 32, 32, torch.float32, memory_gib=8, doc_tokens=256)
     assert plan.chunks == 1
     assert plan_memory(specs, 200, 0, 32, torch.float32, memory_gib=8, doc_tokens=256).chunks > 10
+
+
+def test_factors_read_in_float32_score_as_float64_ones(tmp_path) -> None:
+    """Factors stored in float64 and read as float32 (half the memory; a float32 model preconditions in
+    float32 anyway) change MS-IF scores by no more than float32 rounding."""
+    from helpers.core import PAD
+
+    from msif_core.ekfac import Factors
+    from msif_core.query import measurement_gradients, query_ihvps
+    from msif_core.scoring import score_documents
+
+    w = world("gpt_neox")
+    w.pt_f.save(tmp_path / "pt")
+    w.ft_f.save(tmp_path / "ft")
+    f32 = {s: Factors.load(tmp_path / s, dtype=torch.float32) for s in ("pt", "ft")}
+    assert all(t.dtype == torch.float32 for t in f32["pt"].q_a.values())
+    grads = measurement_gradients(w.ft, w.specs, w.queries, pad_id=PAD)
+    scores = {}
+    for key, (ptf, ftf) in {"64": (w.pt_f, w.ft_f), "32": (f32["pt"], f32["ft"])}.items():
+        ih = query_ihvps(grads, w.specs, "ms_if", ftf, ptf, DAMP_FT, DAMP_PT)
+        scores[key] = score_documents(w.pt, ih, w.docs, batch_size=3, pad_id=PAD).scores
+    assert 0 < rel_err(scores["32"], scores["64"]) < 1e-5

@@ -23,6 +23,7 @@ import torch
 
 from .memory import available_memory
 from .models import ModuleSpec
+from .query import low_rank_numbers
 
 GIB = 2**30
 AUTO_SHARE = 0.5
@@ -89,8 +90,9 @@ def query_bytes(specs: list[ModuleSpec], rank: int, query_tokens: int, itemsize:
     per = 0
     for s in specs:
         pd = s.out_features * s.d
-        per += pd if rank == 0 else (s.out_features + s.d) * min(rank, s.out_features, s.d)  # iHVPs
-        if rank == 0 and s.n_blocks > 1:
+        low = low_rank_numbers(s, rank) if rank else pd
+        per += min(pd, low)  # iHVPs (a module where rank r is not smaller stays exact)
+        if low >= pd and s.n_blocks > 1:
             per += pd  # the row layout of a multi-block module is a copy
     return per * itemsize
 

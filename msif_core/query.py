@@ -214,6 +214,13 @@ def _low_rank(m: torch.Tensor, spec: ModuleSpec, rank: int) -> tuple[torch.Tenso
 
 
 QUERY_SLICE = 16  # queries preconditioned (and rank-reduced) together, per module
+
+
+def low_rank_numbers(spec: ModuleSpec, rank: int, rank_scope: str = "module") -> int:
+    """Numbers a rank-r query iHVP of ``spec`` holds; a module where this is not below P·d is kept exact."""
+    if rank_scope == "module":
+        return (spec.out_features + spec.d) * min(rank, spec.out_features, spec.d)
+    return spec.n_blocks * (spec.p + spec.d) * min(rank, spec.p, spec.d)
 OVERSAMPLE = 10  # extra columns of the randomized range finder
 POWER_ITERATIONS = 2
 
@@ -271,7 +278,9 @@ def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], meth
                 ft_factors: Factors | None = None, pt_factors: Factors | None = None,
                 damping_ft: float | str = 1e-4, damping_pt: float | str = 1e-4, rank: int = 0,
                 rank_scope: str = "module") -> QueryIHVPs:
-    """Precondition measurement gradients for ``method`` (``ms_if``, ``ss_if`` or ``gdp``).
+    """Precondition measurement gradients for ``method`` (``ms_if``, ``ss_if`` or ``gdp``); with ``rank > 0``,
+    keep rank-r factors of each module (or block) where they take fewer numbers than the exact iHVP, the
+    exact iHVP elsewhere.
 
     ``ms_if`` needs both factor sets; ``ss_if`` the fine-tune factors. Modules missing from a factor
     set (e.g. a replaced head) are skipped with a log line. ``grads`` from :func:`measurement_gradients`
@@ -300,6 +309,7 @@ def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], meth
             continue
         out.specs[s.name] = s
         n_q = grads.n_queries if tokens else grads[s.name].shape[0]
+        low = rank > 0 and low_rank_numbers(s, rank, rank_scope) < s.out_features * s.d  # else exact is smaller
         pieces = []
         for lo in range(0, n_q, QUERY_SLICE):  # a slice of queries at a time: temporaries stay bounded
             sl = slice(lo, min(lo + QUERY_SLICE, n_q))
@@ -312,10 +322,10 @@ def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], meth
                                                     then_damping=damping_pt) if tok is not None
                      else ft_factors.precondition(s.name, grads[s.name][sl], damping_ft, then=then,
                                                   then_damping=damping_pt))
-            if rank > 0:
+            if low:
                 g = low_rank_module(g, s, rank) if rank_scope == "module" else _low_rank(g, s, rank)
             pieces.append(g)
-        if rank > 0:
+        if low:
             out.u[s.name] = torch.cat([u for u, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
             out.v[s.name] = torch.cat([v for _, v in pieces]) if len(pieces) > 1 else pieces[0][1]
         else:

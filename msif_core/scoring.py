@@ -88,8 +88,7 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
     losses = torch.zeros(n, dtype=torch.float64)
     # per block, the queries' iHVPs as rows: [n, Q, p·d], so that scoring a group is one matrix product;
     # laid out now for dense iHVPs, at each flush for low-rank ones (one module's expansion at a time)
-    dense = {s.name: ihvps.block_rows(s.name, dev, dtype) for s in specs
-             if ihvps.rank == 0 and s.name in ihvps.dense}
+    dense = {s.name: ihvps.block_rows(s.name, dev, dtype) for s in specs if s.name in ihvps.dense}
     uv = {s.name: (ihvps.u[s.name].to(dev, dtype), ihvps.v[s.name].to(dev, dtype))
           for s in specs if s.name in ihvps.u}
     seq_bytes = sum(s.out_features * s.d for s in specs) * torch.finfo(dtype).bits // 8
@@ -145,7 +144,7 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
                 a, ds = cap.a[s.name], cap.ds[s.name]
                 shared = s.name in uv and uv[s.name][1].shape[1] == 1
                 c_dense, c_low = _costs(s, t, nq, ihvps.rank, shared)
-                use_low = strategy == "low_rank" or (strategy == "auto" and c_low < c_dense and s.name in uv)
+                use_low = s.name in uv and (strategy == "low_rank" or (strategy == "auto" and c_low < c_dense))
                 if use_low:
                     u, v = uv[s.name]  # [Q, n, p, r], [Q, n or 1, d, r]
                     x = torch.einsum("btnp,qnpr->bnqrt", ds.view(b, t, s.n_blocks, s.p), u)

@@ -30,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from rows import emit  # noqa: E402
 
 SHAPES = {
     "pythia-70m": dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048),
@@ -181,12 +182,7 @@ def main() -> None:
             if r.returncode != 0:
                 print(f"rank {rank}, {q} queries: failed\n{r.stderr[-2000:]}", flush=True)
                 continue
-            row = json.loads(r.stdout.strip().splitlines()[-1])
-            row["time"] = time.strftime("%Y-%m-%d %H:%M")
-            print(json.dumps(row), flush=True)
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            emit(json.loads(r.stdout.strip().splitlines()[-1]), args.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Rows go to bench/results/rank_quality.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from rows import emit  # noqa: E402
 
 
 def main() -> None:
@@ -74,12 +74,8 @@ def main() -> None:
                "spearman_median": round(float(np.median(rho)), 4),
                "spearman_p10": round(float(np.quantile(rho, 0.1)), 4),
                "mrr": round(float(quality["mrr"]), 4), "recall_at_10": round(float(quality["recall_at_10"]), 4),
-               "mib_per_query": round(query_bytes(ft.specs, rank, 16, 4) / 2**20, 3), "seconds": round(secs, 1),
-               "time": time.strftime("%Y-%m-%d %H:%M")}
-        print(json.dumps(row), flush=True)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+               "mib_per_query": round(query_bytes(ft.specs, rank, 16, 4) / 2**20, 3), "seconds": round(secs, 1)}
+        emit(row, args.out)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 ui: $(STAMP)
-	$(VENV)/bin/dagster dev -m dagster_project.definitions
+	$(VENV)/bin/msif ui $(MSIF_CONFIG)
 
 clean:
 	rm -rf $(VENV) lakehouse .pytest_cache

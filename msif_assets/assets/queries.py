@@ -89,7 +89,12 @@ def write_chunks(step: Step, pt, ft, qenc, qids: list[str]) -> dict[str, Any]:
     resumed = []
     for i, chunk in enumerate(plan.ranges()):
         cq = [qids[j] for j in chunk]
-        key = hashlib.sha256(json.dumps(inputs | {"queries": cq}, sort_keys=True).encode()).hexdigest()
+        tokens = [[qenc.input_ids[j], [int(b) for b in qenc.loss_mask[j]]] for j in chunk]  # text, tokenizer, length
+        labels = [int(qenc.labels[j]) for j in chunk] if qenc.labels is not None else None
+        key = hashlib.sha256(json.dumps(inputs | {"queries": cq, "tokens": tokens, "labels": labels,
+                                                  "rank_scope": "module",
+                                                  "modules": [sp.name for sp in ft.specs]},
+                                        sort_keys=True).encode()).hexdigest()
         dirs = {m: layout.ihvps(m) / f"chunk_{i:05d}" for m in s.gradient_methods}
         if all(_chunk_done(d, key) for d in dirs.values()):
             resumed.append(i)

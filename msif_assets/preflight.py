@@ -86,7 +86,10 @@ def check_data(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
         if q["query_id"].isna().any() or q["prompt"].isna().any():
             errors.append(f"[data] queries: {cfg.queries}: every query needs a query_id and a prompt")
         blank = qid[_empty(q["completion"])]
-        if len(blank):
+        if len(blank) and len(blank) == len(q):
+            errors.append(f"[data] queries: {cfg.queries}: every query has an empty completion; nothing can be "
+                          f"scored")
+        elif len(blank):
             warnings.append(f"[data] queries: {len(blank)} of {len(q)} queries have an empty completion and will not "
                             f"be scored: {_ids(blank)} ({cfg.queries})")
         if "true_doc_ids" in q:

@@ -70,6 +70,9 @@ def write_chunks(step: Step, pt, ft, qenc, qids: list[str]) -> dict[str, Any]:
     from ..outputs import file_fingerprint
 
     cfg, layout, s = step.cfg, step.layout, step.cfg.scores
+    if not qids:
+        raise dg.Failure(f"{cfg.queries}: no query has a completion token within max_length="
+                         f"{cfg.factors.max_length}; give the queries non-empty completions")
     ftf = ptf = None
     inputs = {"methods": list(s.gradient_methods), "damping": [str(s.damping_finetune), str(s.damping_pretrain)],
               "rank": s.query_rank, "ft": fingerprint(ft.model, ft.specs), "max_length": cfg.factors.max_length}

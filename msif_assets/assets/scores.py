@@ -78,7 +78,7 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
                 long = long_table(res.scores, kept.doc_id.iloc[pos].tolist(), cq, m, res.mlp, res.mha)
                 frames.append(long.merge(cc[["query_id", "doc_id", "distance"]], on=["query_id", "doc_id"],
                                          how="inner"))
-                md[f"candidate_pairs/{m}"] = md.get(f"candidate_pairs/{m}", 0) + len(pos) * len(cq)
+                md[f"candidate_pairs/{m}"] = md.get(f"candidate_pairs/{m}", 0) + len(frames[-1])
                 del ih, res
             if not dirs or sorted(seen) != sorted(scored_q.query_id):
                 raise CorruptTableError(f"query iHVPs of {m} in {layout.ihvps(m)} hold other queries than "
@@ -102,6 +102,8 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
             frames.append(long.merge(cands[["query_id", "doc_id", "distance"]], on=["query_id", "doc_id"],
                                      how="inner"))
         md[f"seconds/{m}"] = round(t.seconds, 3)
+    if not frames:  # no candidate pair in this shard: an empty table of the same columns
+        frames = [long_table(np.zeros((0, 0)), [], [], "", None, None).assign(distance=np.nan)]
     table = pd.concat(frames, ignore_index=True).rename(columns={"distance": "candidate_distance"})
     table = with_rank(table, "shard_rank")
     table["shard"] = key

@@ -143,7 +143,8 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
             for s in specs:
                 a, ds = cap.a[s.name], cap.ds[s.name]
                 shared = s.name in uv and uv[s.name][1].shape[1] == 1
-                c_dense, c_low = _costs(s, t, nq, ihvps.rank, shared)
+                r_eff = int(uv[s.name][0].shape[-1]) if s.name in uv else 0  # min(r, P, d) as stored
+                c_dense, c_low = _costs(s, t, nq, r_eff, shared)
                 use_low = s.name in uv and (strategy == "low_rank" or (strategy == "auto" and c_low < c_dense))
                 if use_low:
                     u, v = uv[s.name]  # [Q, n, p, r], [Q, n or 1, d, r]

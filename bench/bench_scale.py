@@ -142,6 +142,10 @@ def one(args) -> dict:
             "methods": args.methods, "memory_gib": args.memory_gib, "plan": plan.as_dict(),
             "factors_dtype": "float64" if args.factors_float64 else str(cast).replace("torch.", ""),
             "analysed_parameters": sum(s.out_features * s.d for s in specs), "peak_rss_gib": round(peak / 2**30, 3),
+            "models_gib": round(2 * sum(p.numel() * p.element_size() for p in pt.parameters()) / 2**30, 3),
+            "factors_gib": round(sum(sum(x.numel() * x.element_size() for d in (f.q_a, f.q_s, f.lam)
+                                         for x in d.values()) for f in (ptf, ftf)) / 2**30, 3),
+            "ihvp_gib": round(len(queries) * plan.bytes_per_query / 2**30, 3),
             "seconds": round(total_s, 1), "query_side_s": round(stats["query_s"], 1),
             "scoring_s": round(stats["score_s"], 1), "plain_pass_s": round(plain_s, 2), "rows": rows,
             "candidate_passes": stats["passes"],

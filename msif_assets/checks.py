@@ -125,14 +125,6 @@ def build_checks(cfg: ExperimentConfig, asset_names: set[str]) -> list[dg.AssetC
 
 def outputs_problems(instance: dg.DagsterInstance, cfg: ExperimentConfig, asset_names: set[str]) -> dict:
     """(asset key, partition) → why, for every materialised asset partition whose files changed."""
-    from .assets import NODES
-    from .outputs import stale_units
-    from .runner import ROOT_BOUND
+    from .outputs import lakehouse_problems
 
-    units = []
-    for n in NODES:
-        if n.name not in asset_names:
-            continue
-        parts = sorted(instance.get_dynamic_partitions(n.partitions.name)) if n.partitions is not None else [None]
-        units += [(dg.AssetKey(n.name), p) for p in parts]
-    return stale_units(instance, units, cfg.root, root_bound=ROOT_BOUND)
+    return lakehouse_problems(instance, cfg, asset_names)

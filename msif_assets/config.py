@@ -333,7 +333,14 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
 
 def check_inputs(cfg: ExperimentConfig) -> None:
     """Raise a :class:`ConfigError` naming every missing or unreadable checkpoint and data file."""
-    name = str(cfg.source) if cfg.source else "demo config"
+    errors = input_errors(cfg)
+    if errors:
+        name = str(cfg.source) if cfg.source else "demo config"
+        raise ConfigError(f"{name}: " + "; ".join(errors))
+
+
+def input_errors(cfg: ExperimentConfig) -> list[str]:
+    """Every missing or unreadable checkpoint and data file, one phrase each."""
     errors = []
     for key, p in (("pretrained", cfg.pretrained), ("finetuned", cfg.finetuned)):
         if not p.is_dir():
@@ -362,8 +369,7 @@ def check_inputs(cfg: ExperimentConfig) -> None:
             _check_table(f"[data] {key}", p, needed)
         except ConfigError as e:
             errors.append(str(e))
-    if errors:
-        raise ConfigError(f"{name}: " + "; ".join(errors))
+    return errors
 
 
 def load_config(path: str | Path | None = None, check_files: bool = True) -> ExperimentConfig:

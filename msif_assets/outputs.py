@@ -19,6 +19,7 @@ import dagster as dg
 
 OUTPUTS_KEY = "msif/outputs"
 ROOT_KEY = "msif/root"  # the lakehouse root the asset wrote under (msif.duckdb's views hold absolute paths)
+ROOT_BOUND = ("score_tables",)  # assets whose files name the root itself
 _WHOLE = 8 * 2**20
 _PART = 4 * 2**20
 
@@ -72,25 +73,13 @@ def problems(recorded: Mapping[str, str], root: Path) -> list[str]:
     return out
 
 
-def recorded_outputs(instance: dg.DagsterInstance, key: dg.AssetKey,
-                     partition: str | None) -> dict[str, str] | None:
-    """The ``msif/outputs`` record of the latest materialisation of ``key`` (``partition``); ``{}`` when it was
-    never materialised, None when its materialisation recorded none."""
-    flt = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition is not None else None)
-    recs = instance.fetch_materializations(flt, limit=1, ascending=False).records
-    if not recs or recs[0].asset_materialization is None:
-        return {}
-    value = recs[0].asset_materialization.metadata.get(OUTPUTS_KEY)
-    return dict(value.value) if value is not None else None
-
-
-def _recorded_root(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None) -> str | None:
+def latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None) -> dict | None:
+    """The metadata of the latest materialisation of ``key`` (``partition``), or None if it has none."""
     flt = dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition] if partition is not None else None)
     recs = instance.fetch_materializations(flt, limit=1, ascending=False).records
     if not recs or recs[0].asset_materialization is None:
         return None
-    value = recs[0].asset_materialization.metadata.get(ROOT_KEY)
-    return None if value is None else str(value.value)
+    return dict(recs[0].asset_materialization.metadata)
 
 
 def stale_units(instance: dg.DagsterInstance, units: Iterable[tuple[dg.AssetKey, str | None]], root: Path,
@@ -104,12 +93,15 @@ def stale_units(instance: dg.DagsterInstance, units: Iterable[tuple[dg.AssetKey,
     out = {}
     bound = set(root_bound)
     for key, part in units:
-        if key.to_user_string() in bound:
-            was = _recorded_root(instance, key, part)
-            if was is not None and Path(was) != Path(root).resolve():
+        md = latest_metadata(instance, key, part)
+        if md is None:  # never materialised: missing, not stale
+            continue
+        if key.to_user_string() in bound and ROOT_KEY in md:
+            was = str(md[ROOT_KEY].value)
+            if Path(was) != Path(root).resolve():
                 out[(key, part)] = f"it was written under {was}, and the lakehouse is now at {Path(root).resolve()}"
                 continue
-        rec = recorded_outputs(instance, key, part)
+        rec = dict(md[OUTPUTS_KEY].value) if OUTPUTS_KEY in md else None
         if rec:
             found = problems(rec, root)
         elif rec is None and expected and key.to_user_string() in expected:
@@ -120,3 +112,22 @@ def stale_units(instance: dg.DagsterInstance, units: Iterable[tuple[dg.AssetKey,
             out[(key, part)] = "; ".join(found[:3]) + (f" (+{len(found) - 3} more)" if len(found) > 3 else "")
     return out
 
+
+
+def lakehouse_problems(instance: dg.DagsterInstance, cfg, asset_names: Iterable[str]
+                       ) -> dict[tuple[dg.AssetKey, str | None], str]:
+    """:func:`stale_units` over every current partition of the named assets of ``cfg``'s graph (what
+    ``msif run`` recomputes and the ``outputs_intact`` check reports)."""
+    from .assets import NODES
+    from .layout import Layout
+
+    names, layout = set(asset_names), Layout(cfg.root)
+    units, expected = [], {}
+    for n in NODES:
+        if n.name not in names:
+            continue
+        parts = sorted(instance.get_dynamic_partitions(n.partitions.name)) if n.partitions is not None else [None]
+        units += [(dg.AssetKey(n.name), p) for p in parts]
+        if n.outputs:
+            expected[n.name] = lambda part, n=n: n.outputs(layout, part, cfg)
+    return stale_units(instance, units, cfg.root, expected, root_bound=ROOT_BOUND)

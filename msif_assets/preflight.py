@@ -137,13 +137,9 @@ def _check_truth(cfg: ExperimentConfig, qid: pd.Series, truth: pd.Series, doc_id
 
 def preflight(cfg: ExperimentConfig) -> list[str]:
     """Run every check above; raise one ConfigError listing all errors, else return notices and warnings."""
-    from .config import check_inputs
+    from .config import input_errors
 
-    errors: list[str] = []
-    try:
-        check_inputs(cfg)
-    except ConfigError as e:  # keep going: report what the other checks find too
-        errors += [x.strip() for x in str(e).split(": ", 1)[-1].split("; ") if x.strip()]
+    errors = input_errors(cfg)  # and keep going: report what the other checks find too
     e1, notices = check_checkpoints(cfg)
     e1 = [x for x in e1 if not any(x.startswith(y.split(":", 1)[0] + ":") for y in errors)]
     missing_data = any("[data]" in x for x in errors)

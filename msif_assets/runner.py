@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 Unit = tuple[dg.AssetKey, str | None]  # (asset, partition key or None)
 _CURSOR = "msif/automation_cursor"
-ROOT_BOUND = ("score_tables",)  # msif.duckdb's views name their Parquet files by absolute path
 
 
 @dataclass
@@ -160,13 +159,9 @@ class Pipeline:
 
     def stale_outputs(self) -> dict[Unit, str]:
         """Units whose latest materialisation's files were deleted or altered since (:mod:`.outputs`)."""
-        from .assets import NODES
-        from .layout import Layout
-        from .outputs import stale_units
+        from .outputs import lakehouse_problems
 
-        layout = Layout(self.cfg.root)
-        expected = {n.name: (lambda part, n=n: n.outputs(layout, part, self.cfg)) for n in NODES if n.outputs}
-        return stale_units(self.instance, self.all_units(), self.cfg.root, expected, root_bound=ROOT_BOUND)
+        return lakehouse_problems(self.instance, self.cfg, {k.to_user_string() for k in self.assets})
 
     def _report_skipped(self, res: UpdateResult, skipped: set[Unit]) -> None:
         if not skipped:
@@ -219,10 +214,7 @@ class Pipeline:
                             (self.upstream_units(u) & pending) <= group:
                         group.add(u)
                         grew = True
-            pending -= group
-            if any(self.upstream_units(u) & (failed | skipped) for u in group):  # pragma: no cover - blocked below
-                skipped |= group
-                continue
+            pending -= group  # never downstream of a failure: those were taken out of ``pending`` below
             rec = self._run([k for k, _ in sorted(group, key=lambda u: rank[u[0]])], part)
             records.append(rec)
             if rec.failed_assets:

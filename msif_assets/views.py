@@ -28,7 +28,6 @@ from .layout import Layout
 
 SQL_DIR = Path(__file__).resolve().parent / "sql"  # package data: the named queries
 TOP_K = 10
-RANK_ORDER = RANK_ORDER_SQL  # the one rank rule (msif_core.tables)
 
 
 def _lit(p: Path) -> str:
@@ -54,11 +53,11 @@ def view_statements(layout: Layout, shards: list[str] | None = None) -> list[str
         f"CREATE OR REPLACE VIEW candidates AS SELECT * FROM read_parquet({cands})",
         f"CREATE OR REPLACE VIEW influence_scores_by_shard AS SELECT * FROM read_parquet({scores})",
         "CREATE OR REPLACE VIEW influence_scores AS SELECT query_id, doc_id, method, score, "
-        f"row_number() OVER (PARTITION BY query_id, method {RANK_ORDER}) AS rank, mlp_score, mha_score, "
+        f"row_number() OVER (PARTITION BY query_id, method {RANK_ORDER_SQL}) AS rank, mlp_score, mha_score, "
         "damping_pretrain, damping_finetune, pretrained_version, finetuned_version, shard, shard_rank, "
         "candidate_distance FROM influence_scores_by_shard",
         "CREATE OR REPLACE VIEW top_influences AS "
-        f"WITH top AS (SELECT *, row_number() OVER (PARTITION BY query_id, method {RANK_ORDER}) AS rank "
+        f"WITH top AS (SELECT *, row_number() OVER (PARTITION BY query_id, method {RANK_ORDER_SQL}) AS rank "
         f"FROM influence_scores_by_shard WHERE shard_rank <= {TOP_K}) "
         "SELECT t.query_id, q.prompt, q.completion, q.answer, t.method, t.rank, t.score, t.mlp_score, "
         "t.mha_score, t.doc_id, d.text, list_contains(q.true_doc_ids, t.doc_id) AS is_true_source "

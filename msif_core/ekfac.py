@@ -125,7 +125,7 @@ class CovarianceSums:
     @staticmethod
     def load(path: str | Path) -> CovarianceSums:
         """Read what ``save`` wrote."""
-        t, meta = _read_safetensors(path)
+        t, meta = read_tensors(path)
         return CovarianceSums({k[2:]: v for k, v in t.items() if k.startswith("a/")},
                               {k[2:]: v for k, v in t.items() if k.startswith("s/")},
                               int(meta["tokens"]), int(meta["sequences"]))
@@ -151,7 +151,7 @@ class LambdaSums:
     @staticmethod
     def load(path: str | Path) -> LambdaSums:
         """Read what ``save`` wrote."""
-        t, meta = _read_safetensors(path)
+        t, meta = read_tensors(path)
         return LambdaSums(t, int(meta["sequences"]), int(meta.get("truncated", 0)))
 
 
@@ -171,7 +171,7 @@ class Eigenbasis:
     @staticmethod
     def load(path: str | Path) -> Eigenbasis:
         """Read what ``save`` wrote."""
-        t, meta = _read_safetensors(path)
+        t, meta = read_tensors(path)
         return Eigenbasis({k[4:]: v for k, v in t.items() if k.startswith("q_a/")},
                           {k[4:]: v for k, v in t.items() if k.startswith("q_s/")}, int(meta["tokens"]))
 
@@ -680,10 +680,6 @@ def read_tensors(path: str | Path, device: str | torch.device = "cpu",
             return {k: f.get_tensor(k).to(dtype) for k in f.keys()}, meta  # one tensor at a time
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UnreadableFileError(f"{path} is unreadable ({e}); it was truncated or altered") from e
-
-
-def _read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    return read_tensors(path)
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

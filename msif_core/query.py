@@ -168,19 +168,6 @@ class QueryIHVPs:
             total += float((uu * vv).sum())  # trace(UᵀU VᵀV) per block (a shared V broadcasts)
         return total
 
-    @staticmethod
-    def concat(parts: list[QueryIHVPs]) -> QueryIHVPs:
-        """The iHVPs of several query slices (of one method and rank), queries in order."""
-        if len(parts) == 1:
-            return parts[0]
-        first = parts[0]
-
-        def cat(field_name: str) -> dict[str, torch.Tensor]:
-            return {k: torch.cat([getattr(p, field_name)[k] for p in parts]) for k in getattr(first, field_name)}
-
-        return QueryIHVPs(first.method, dict(first.specs), cat("dense"), cat("u"), cat("v"), first.rank,
-                          dict(first.manifest))
-
     def save(self, directory: str | Path) -> Path:
         """Write ``ihvps.safetensors`` and ``manifest.json`` atomically."""
         t = ({f"dense/{k}": x for k, x in self.dense.items()} | {f"u/{k}": x for k, x in self.u.items()}
@@ -264,14 +251,24 @@ def chunk_ihvps(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, met
     """Query iHVPs of every method for the queries in ``encoded``, a slice of :data:`QUERY_SLICE` queries at a
     time: each slice's measurement gradients (on ``model``, θ_ft) are preconditioned for every method and
     dropped, so memory holds the iHVPs and one slice's gradients."""
-    parts: dict[str, list[QueryIHVPs]] = {m: [] for m in methods}
-    for lo in range(0, len(encoded), QUERY_SLICE):
-        grads = measurement_gradients(model, specs, encoded.subset(range(lo, min(lo + QUERY_SLICE, len(encoded)))),
-                                      batch_size, pad_id)
+    n = len(encoded)
+    out: dict[str, QueryIHVPs] = {}
+    for lo in range(0, n, QUERY_SLICE):
+        hi = min(lo + QUERY_SLICE, n)
+        grads = measurement_gradients(model, specs, encoded.subset(range(lo, hi)), batch_size, pad_id)
         for m in methods:
-            parts[m].append(query_ihvps(grads, specs, m, ft_factors, pt_factors, damping_ft, damping_pt, rank))
+            part = query_ihvps(grads, specs, m, ft_factors, pt_factors, damping_ft, damping_pt, rank)
+            if m not in out:  # the chunk's tensors, allocated once and filled slice by slice (no concatenation)
+                out[m] = QueryIHVPs(part.method, dict(part.specs), rank=part.rank, manifest=dict(part.manifest))
+                for kind in ("dense", "u", "v"):
+                    getattr(out[m], kind).update({k: x.new_empty((n, *x.shape[1:]))
+                                                  for k, x in getattr(part, kind).items()})
+            for kind in ("dense", "u", "v"):
+                for k, x in getattr(part, kind).items():
+                    getattr(out[m], kind)[k][lo:hi] = x
+            del part
         del grads
-    return {m: QueryIHVPs.concat(p) for m, p in parts.items()}
+    return out
 
 
 def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], method: str,

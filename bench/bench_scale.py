@@ -10,7 +10,9 @@ fresh process that loads them and calls ``msif_core.api.gradient_tables`` (the m
 chunks, module-rank iHVPs, one pass over the documents per chunk). Each row reports the plan (chunks,
 queries per chunk, MiB per query), the peak resident memory of that process (``ru_maxrss``), the
 seconds of the query side and of the scoring passes, and the time per document per chunk against one
-plain forward+backward pass over the same documents. Rows go to bench/results/scale.jsonl.
+plain forward+backward pass over the same documents in the same batches (run after the attribution, so
+that the peak is the attribution's). Factors are read module by module (``--eager-factors``: both stages'
+at once, as before). Rows go to bench/results/scale.jsonl.
 
 Shapes: pythia-160m (hidden 768, 12 layers, 85M analysed parameters), pythia-410m (1024, 24 layers,
 ~300M, the size of the paper's BLOOM-560m), dolly-3b (2560, 32 layers; a GPU).
@@ -77,22 +79,43 @@ def _queries(n: int, length: int, seed: int):
     return Encoded(ids, [[False] * half + [True] * (length - half) for _ in ids])
 
 
+def synthetic_factors(specs, seed: int):
+    """Factors of the right shapes whose values are not fitted: random orthonormal bases (QR of Gaussian
+    matrices) and Λ uniform in [0.1, 1.1). What attribution costs in memory and time does not depend on the
+    values, and fitting both stages at Pythia-410M's shape takes about an hour on a 2-core CPU (96 float64
+    eigendecompositions of 4096 x 4096); ``--synthetic-factors`` uses these, and rows say so."""
+    from msif_core.ekfac import FACTORS_FORMAT, Factors
+
+    g = torch.Generator().manual_seed(seed)
+    q_a, q_s, lam = {}, {}, {}
+    for s in specs:
+        q_a[s.name] = torch.linalg.qr(torch.randn(s.d, s.d, generator=g)).Q.double()
+        q_s[s.name] = torch.linalg.qr(torch.randn(s.n_blocks, s.p, s.p, generator=g)).Q.double()
+        lam[s.name] = (torch.rand(s.n_blocks, s.p, s.d, generator=g) + 0.1).double()
+    return Factors({s.name: s for s in specs}, q_a, q_s, lam, {"format": FACTORS_FORMAT, "synthetic": True})
+
+
 def prepare(args) -> Path:
     """Fit and save both stages' factors once (the slow part every configuration shares)."""
     from msif_core.ekfac import FitSettings, fit_ekfac
     from msif_core.models import discover_modules
 
-    out = ROOT / "bench" / "out" / f"scale_{args.shape}_{args.dtype}"
+    out = ROOT / "bench" / "out" / f"scale_{args.shape}_{args.dtype}{'_synthetic' if args.synthetic_factors else ''}"
     if (out / "pt" / "manifest.json").exists() and (out / "ft" / "manifest.json").exists():
         return out
     dtype = getattr(torch, args.dtype)
     pt = _model(args.shape, 0, dtype, args.device)
-    ft = _perturbed(pt)
     specs = discover_modules(pt)
     t0 = time.perf_counter()
+    if args.synthetic_factors:
+        for name, seed in (("pt", 11), ("ft", 12)):
+            synthetic_factors(specs, seed).save(out / name)
+        print(f"wrote synthetic factors of both stages in {time.perf_counter() - t0:.0f}s", flush=True)
+        return out
+    ft = _perturbed(pt)
     for name, model, seed in (("pt", pt, 11), ("ft", ft, 12)):
         docs = _docs(args.fit_docs, args.doc_length, seed)
-        fit_ekfac(model, specs, docs, FitSettings(batch_size=4), 0).save(out / name)
+        fit_ekfac(model, specs, docs, FitSettings(batch_size=4, cache_mib=2048), 0).save(out / name)
     print(f"fitted both stages' factors on {args.fit_docs} documents in {time.perf_counter() - t0:.0f}s", flush=True)
     return out
 
@@ -106,7 +129,6 @@ def one(args) -> dict:
     from msif_core.gradients import analysed_grads_only, forward_backward
     from msif_core.memory import retain_freed_memory
     from msif_core.models import discover_modules
-    from msif_core.plan import plan_memory
     from msif_core.stages import Stage
 
     retain_freed_memory()
@@ -116,36 +138,36 @@ def one(args) -> dict:
     specs = discover_modules(pt)
     out = Path(args.factors)
     cast = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    ptf, ftf = (Factors.load(out / s, device=args.device, dtype=None if args.factors_float64 else cast)
-                for s in ("pt", "ft"))
+    ptf, ftf = (Factors.load(out / s, device=args.device, dtype=None if args.factors_float64 else cast,
+                             lazy=not args.eager_factors) for s in ("pt", "ft"))
     docs, queries = _docs(args.docs, args.doc_length, 21), _queries(args.n_queries, args.query_length, 22)
     stage = lambda m: Stage(LoadedModel(m, None, "", "causal_lm"), specs)  # noqa: E731
     settings = AttributionSettings(methods=tuple(args.methods.split(",")), query_rank=args.rank,
                                    memory_gib=args.memory_gib, batch_size=args.batch_size)
-    plan = plan_memory(specs, len(queries), args.rank, args.query_length, dtype, args.memory_gib, args.device,
-                       args.doc_length)
-    # one plain forward+backward over the documents, for the ratio
-    t0 = time.perf_counter()
-    with analysed_grads_only(pt, specs):
-        for batch in iter_batches(docs, args.batch_size, 0):
-            forward_backward(pt, specs, batch.to(args.device), fisher="empirical")
-    plain_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     stats: dict = {}
     tables = gradient_tables(stage(pt), stage(ft), queries, [f"q{i}" for i in range(len(queries))], docs,
                              [f"d{i}" for i in range(len(docs))], settings, ptf, ftf, stats=stats)
     total_s = time.perf_counter() - t0
     rows = sum(len(t) for t in tables.values())
+    plan = stats["plan"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # then one plain forward+backward over the documents in the plan's batches, for the ratio
+    t0 = time.perf_counter()
+    with analysed_grads_only(pt, specs):
+        for batch in iter_batches(docs, plan["batch_size"], 0):
+            forward_backward(pt, specs, batch.to(args.device), fisher="empirical")
+    plain_s = time.perf_counter() - t0
     return {"shape": args.shape, "dtype": args.dtype, "device": args.device, "queries": len(queries),
             "rank": args.rank, "docs": len(docs), "doc_length": args.doc_length, "query_length": args.query_length,
-            "methods": args.methods, "memory_gib": args.memory_gib, "plan": plan.as_dict(),
+            "methods": args.methods, "memory_gib": args.memory_gib, "plan": plan,
+            "factors_read": "eager" if args.eager_factors else "lazy",
+            "factors": "synthetic" if args.synthetic_factors else "fitted",
             "factors_dtype": "float64" if args.factors_float64 else str(cast).replace("torch.", ""),
             "analysed_parameters": sum(s.out_features * s.d for s in specs), "peak_rss_gib": round(peak / 2**30, 3),
             "models_gib": round(2 * sum(p.numel() * p.element_size() for p in pt.parameters()) / 2**30, 3),
-            "factors_gib": round(sum(sum(x.numel() * x.element_size() for d in (f.q_a, f.q_s, f.lam)
-                                         for x in d.values()) for f in (ptf, ftf)) / 2**30, 3),
-            "ihvp_gib": round(len(queries) * plan.bytes_per_query / 2**30, 3),
+            "factors_gib": round(sum(f.n_floats() for f in (ptf, ftf)) * (8 if args.factors_float64 else 4) / 2**30, 3),
+            "ihvp_gib": round(plan["queries_per_chunk"] * plan["bytes_per_query"] / 2**30, 3),
             "seconds": round(total_s, 1), "query_side_s": round(stats["query_s"], 1),
             "scoring_s": round(stats["score_s"], 1), "plain_pass_s": round(plain_s, 2), "rows": rows,
             "candidate_passes": stats["passes"],
@@ -168,7 +190,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--factors-float64", action="store_true", help="keep the factors in float64 as stored")
+    ap.add_argument("--eager-factors", action="store_true",
+                    help="read both stages' factors into memory at once (default: module by module)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale.jsonl"))
+    ap.add_argument("--prepare-only", action="store_true", help="fit and save the factors, run nothing else")
+    ap.add_argument("--synthetic-factors", action="store_true",
+                    help="factors of the right shapes, random values, not fitted (see synthetic_factors)")
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--n-queries", type=int, default=0, help=argparse.SUPPRESS)
@@ -178,6 +205,8 @@ def main() -> None:
         print(json.dumps(one(args)))
         return
     factors = prepare(args)
+    if args.prepare_only:
+        return
     for rank in (int(r) for r in args.ranks.split(",")):
         for q in (int(x) for x in args.queries.split(",")):
             cmd = [sys.executable, __file__, "--one", "--rank", str(rank), "--n-queries", str(q),

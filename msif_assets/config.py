@@ -42,7 +42,7 @@ Example (every key but the paths shows its default)::
     damping_finetune = 1e-4
     candidates = 100                # nearest documents per query and shard, or "all"
     query_rank = 0                  # 0 exact; r > 0 rank-r query iHVPs (of each module)
-    # memory_gib = 8                # query-side memory budget; default: half the memory available
+    # memory_gib = 8                # memory budget of the process, models included; default: half the memory available
 """
 
 from __future__ import annotations

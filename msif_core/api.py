@@ -30,7 +30,7 @@ from .data import Encoded, encode_documents
 from .ekfac import Factors, FitSettings, fit_ekfac
 from .memory import retain_freed_memory
 from .methods import GRADIENT_METHODS, MethodScores
-from .plan import plan_memory
+from .plan import model_bytes, plan_memory, vocab_size
 from .query import chunk_ihvps, query_ihvps
 from .settings import FactorSettings, ScoreSettings, setting
 from .stages import Stage, answer_queries, encode_queries, load_stages
@@ -88,15 +88,19 @@ def gradient_tables(pt: Stage, ft: Stage, qenc: Encoded, query_ids: Sequence[str
                     ft_factors: Factors | None, stats: dict | None = None) -> dict[str, pd.DataFrame]:
     """Long tables of every gradient method, query chunk by query chunk within the memory plan
     (:mod:`msif_core.plan`): each chunk's iHVPs exist only while it is scored (its measurement gradients
-    only while a slice of it is preconditioned), one pass over ``docs`` per chunk and method. ``stats``
-    receives the plan, the passes and the seconds of the query side and of scoring."""
+    only while a slice of it is preconditioned), one pass over ``docs`` per chunk and method, in document
+    batches of the plan's size. The plan counts both models and the factors as held (lazily read factors,
+    ``Factors.load(lazy=True)``, count a module at a time). ``stats`` receives the plan, the passes and the
+    seconds of the query side and of scoring."""
     methods = settings.gradient_methods
     if not methods:
         return {}
     dev = next(ft.model.parameters()).device
+    resident = model_bytes(pt.model, ft.model) + sum(f.resident_bytes() for f in (pt_factors, ft_factors) if f)
     plan = plan_memory(ft.specs, len(qenc), settings.query_rank, max(len(x) for x in qenc.input_ids),
                        next(ft.model.parameters()).dtype, settings.memory_gib, dev,
-                       max(len(x) for x in docs.input_ids))
+                       max(len(x) for x in docs.input_ids), resident_bytes=resident,
+                       batch_size=settings.batch_size, vocab=vocab_size(pt.model))
     log.info(plan.describe())
     parts: dict[str, list[MethodScores]] = {m: [] for m in methods}
     query_s = score_s = 0.0
@@ -109,7 +113,7 @@ def gradient_tables(pt: Stage, ft: Stage, qenc: Encoded, query_ids: Sequence[str
         query_s += t1 - t0
         for method in methods:
             parts[method].append(registry.score(method, pt, ft, docs, ihvps=ihvps.pop(method),
-                                                batch_size=settings.batch_size, group_mib=plan.group_mib))
+                                                batch_size=plan.batch_size, group_mib=plan.group_mib))
         score_s += time.perf_counter() - t1
         if plan.chunks > 1:
             log.info("query chunk %d/%d done", i + 1, plan.chunks)

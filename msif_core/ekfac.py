@@ -27,7 +27,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -236,14 +237,15 @@ def _per_sequence_branch(s: ModuleSpec, t: int) -> bool:
 
 def _lambda_inputs(s: ModuleSpec, a: torch.Tensor, ds: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """What the Λ pass needs of one module's captures [B, T, ·]: (sequence gradients,) or (a, ds)."""
-    if _per_sequence_branch(s, a.shape[1]):
-        return (torch.einsum("btp,btd->bpd", ds, a),)
+    if _per_sequence_branch(s, a.shape[1]):  # formed in float32 at least (half-precision captures)
+        return (torch.einsum("btp,btd->bpd", ds.to(_compute_dtype(ds)), a.to(_compute_dtype(a))),)
     return a, ds
 
 
 def _add_lambda(lam: torch.Tensor, s: ModuleSpec, inputs: tuple[torch.Tensor, ...], qa: torch.Tensor,
                 qs: torch.Tensor) -> None:
-    """lam += Σ_n (Q_Sᵀ DW_n Q_A)² over the batch's sequences n."""
+    """lam += Σ_n (Q_Sᵀ DW_n Q_A)² over the batch's sequences n (in the bases' dtype: float32 at least)."""
+    inputs = tuple(x.to(qa.dtype) for x in inputs)
     if len(inputs) == 1:  # long sequences: rotate each sequence's gradient once
         g = _rotate(inputs[0].view(-1, s.n_blocks, s.p, s.d), qs, qa)
     else:  # short sequences: rotate each token's a and ds, then sum over tokens
@@ -271,6 +273,7 @@ def _add_gram_upper(acc: torch.Tensor, x: torch.Tensor) -> None:
     with the bands right of it are formed: 10/16 of the flops of ``x.t() @ x`` with 4 bands.
     :func:`_mirror_lower` completes the matrix.
     """
+    x = x.to(_compute_dtype(x))  # half-precision captures: products and sums in float32, not 8-bit mantissas
     edges = _bands(x.shape[1])
     if not edges:
         acc += (x.t() @ x).to(acc.dtype)
@@ -319,6 +322,7 @@ def covariance_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded,
                     _add_gram_upper(s_sum[s.name][0], cap.ds[s.name].reshape(-1, s.p))
                 else:
                     ds = cap.ds[s.name].reshape(-1, s.n_blocks, s.p)
+                    ds = ds.to(_compute_dtype(ds))
                     s_sum[s.name] += torch.einsum("nbp,nbq->bpq", ds, ds).to(acc)
             if cache is not None and not cache.full:
                 cache.offer({s.name: _lambda_inputs(s, cap.a[s.name], cap.ds[s.name]) for s in specs},
@@ -329,15 +333,17 @@ def covariance_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded,
                           len(encoded))
 
 
-def eigenbasis(sums: CovarianceSums, specs: list[ModuleSpec] | None = None) -> Eigenbasis:
+def eigenbasis(sums: CovarianceSums, specs: list[ModuleSpec] | None = None, consume: bool = False) -> Eigenbasis:
     """Eigenvectors of the mean covariances (float64 ``eigh``); names a block with non-finite values
-    (by its name when ``specs`` are given, else by its index in the module)."""
+    (by its name when ``specs`` are given, else by its index in the module). ``consume``: drop each
+    module's sums from ``sums`` once its eigenvectors exist, so that covariances and bases of every module
+    are never held together (at Pythia-410M's shapes each set is ~7 GB in float64)."""
     if sums.tokens == 0:
         raise ValueError("covariance sums hold no tokens")
     names = {sp.name: [b.name for b in sp.blocks] for sp in specs or []}
     q_a, q_s = {}, {}
-    for name, a in sums.a.items():
-        a = a / sums.tokens
+    for name in list(sums.a):
+        a = sums.a[name] / sums.tokens
         s = sums.s[name] / sums.tokens
         where = None
         if not torch.isfinite(a).all():
@@ -352,6 +358,11 @@ def eigenbasis(sums: CovarianceSums, specs: list[ModuleSpec] | None = None) -> E
                 f"float64 instead of half precision (dtype=...), or check the checkpoint for inf/nan weights")
         q_a[name] = _eigenvectors(a, f"activation covariance A of module {name}")
         q_s[name] = _eigenvectors(s, f"gradient covariances S of module {name}")
+        del a, s
+        if consume:
+            sums.a[name] = sums.s[name] = None
+    if consume:
+        sums.a, sums.s = {}, {}
     return Eigenbasis(q_a, q_s, sums.tokens)
 
 
@@ -387,7 +398,7 @@ def lambda_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, bas
     truncated = encoded.n_truncated
     encoded = _limit(encoded, settings.max_examples)
     dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = _compute_dtype(next(iter(model.parameters())))  # float32 for half-precision models
     lam = {s.name: torch.zeros(s.n_blocks, s.p, s.d, dtype=torch.float64, device=dev) for s in specs}
     qa = {s.name: basis.q_a[s.name].to(dev, dtype) for s in specs}
     qs = {s.name: basis.q_s[s.name].to(dev, dtype) for s in specs}
@@ -413,9 +424,17 @@ def lambda_sums(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, bas
     return LambdaSums(lam, len(encoded), truncated)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision msif computes and keeps factors, iHVPs and scores in for a model of ``dtype``: its own
+    for float32/float64, float32 for half precision (8 bits of mantissa would cost the results their
+    accuracy; the model's own passes stay in half precision)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """iHVPs are computed in the gradients' precision (float64 factors are cast, not the other way round)."""
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    """:func:`compute_dtype` of a tensor: iHVPs are computed in the gradients' precision (float64 factors
+    are cast, not the other way round)."""
+    return compute_dtype(x.dtype)
 
 
 @dataclass
@@ -430,7 +449,9 @@ class Factors:
 
     def to(self, device: torch.device | str) -> Factors:
         """The same factors with their tensors on ``device``."""
-        def move(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        def move(d: MutableMapping[str, torch.Tensor]) -> MutableMapping[str, torch.Tensor]:
+            if isinstance(d, LazyTensors):  # still read on use, now onto ``device``
+                return d.moved(device)
             return {k: v.to(device) for k, v in d.items()}
         return Factors(self.specs, move(self.q_a), move(self.q_s), move(self.lam), self.manifest)
 
@@ -454,12 +475,8 @@ class Factors:
         followed by a rotation in.
         """
         s = self.specs[name]
-        lead = v.shape[:-2]
-        dt = _compute_dtype(v)
-        qa, qs = self._bases(name, v.device, dt)
-        rot = _rotate(v.reshape(-1, s.n_blocks, s.p, s.d).to(dt), qs, qa)  # [m, n, p, d]
-        out = self._scale_and_rotate_back(name, rot, damping, then, then_damping)
-        return out.reshape(*lead, s.out_features, s.d).to(v.dtype)
+        rot, qs, qa = self.in_eigenbasis(name, damping, then, then_damping, grads=v)
+        return _rotate(rot, qs, qa, back=True).reshape(*v.shape[:-2], s.out_features, s.d).to(v.dtype)
 
     def precondition_tokens(self, name: str, ds: torch.Tensor, a: torch.Tensor, damping: float | str,
                             route: str = "auto", then: Factors | None = None,
@@ -471,16 +488,50 @@ class Factors:
         count under ``"auto"``) each token is rotated into the eigenbasis, ``(ds Q_S)ᵀ (a Q_A)``, instead of
         forming the [P, d] gradient and rotating it (``"dense"``), which costs P·d·(p + d) per sequence.
         """
+        s = self.specs[name]
+        rot, qs, qa = self.in_eigenbasis(name, damping, then, then_damping, tokens=(ds, a), route=route)
+        return _rotate(rot, qs, qa, back=True).reshape(-1, s.out_features, s.d).to(ds.dtype)
+
+    def in_eigenbasis(self, name: str, damping: float | str, then: Factors | None = None,
+                      then_damping: float | str = 1e-4, grads: torch.Tensor | None = None,
+                      tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      route: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The iHVPs of :meth:`precondition` (``grads`` [..., P, d]) or :meth:`precondition_tokens`
+        (``tokens`` = (ds, a)) before their last rotation: ``(R, Q_S, Q_A)`` with R [m, blocks, p, d] and
+        iHVP = ``Q_S R Q_Aᵀ`` per block, in the eigenbasis of the last factors applied (``then``'s if
+        given). Rank-r factors of R rotated by Q_S and Q_A are rank-r factors of the iHVP with the same
+        singular values, so a low-rank query side can skip the dense rotation back (:mod:`msif_core.query`).
+        """
         if route not in ("auto", "tokens", "dense"):
             raise ValueError(f"route must be auto, tokens or dense, got {route!r}")
+        if (grads is None) == (tokens is None):
+            raise ValueError("give grads or tokens, not both")
         s = self.specs[name]
-        if route == "dense" or (route == "auto" and _per_sequence_branch(s, ds.shape[1])):
-            return self.precondition(name, torch.einsum("mtp,mtd->mpd", ds, a), damping, then, then_damping)
-        dt = _compute_dtype(ds)
-        qa, qs = self._bases(name, ds.device, dt)
-        rot = _rotate_tokens(s, ds.to(dt), a.to(dt), qs, qa)
-        out = self._scale_and_rotate_back(name, rot, damping, then, then_damping)
-        return out.reshape(-1, s.out_features, s.d).to(ds.dtype)
+        dense_route = route == "dense" or (route == "auto" and _per_sequence_branch(s, tokens[0].shape[1])) \
+            if tokens is not None else False
+        if dense_route:
+            grads, tokens = torch.einsum("mtp,mtd->mpd", *tokens), None
+        dt = _compute_dtype(grads if tokens is None else tokens[0])
+        dev = (grads if tokens is None else tokens[0]).device
+        qa, qs = self._bases(name, dev, dt)
+        if tokens is None:
+            rot = _rotate(grads.reshape(-1, s.n_blocks, s.p, s.d).to(dt), qs, qa)  # [m, n, p, d]
+        else:
+            rot = _rotate_tokens(s, tokens[0].to(dt), tokens[1].to(dt), qs, qa)
+        rot.div_(self._damped(name, damping, rot))
+        if then is None:
+            return rot, qs, qa
+        if name not in then.specs or then.q_s[name].shape != self.q_s[name].shape \
+                or then.q_a[name].shape != self.q_a[name].shape:
+            raise ValueError(f"module {name} has different blocks in the two factor sets; both must be "
+                             "fitted on models of the same architecture")
+        # bases' products in the factors' own (float64) precision, then cast
+        mine_s, mine_a = self.q_s[name], self.q_a[name]
+        cs = (mine_s.transpose(-1, -2) @ then.q_s[name].to(mine_s.device, mine_s.dtype)).to(dev, dt)
+        ca = (mine_a.transpose(-1, -2) @ then.q_a[name].to(mine_a.device, mine_a.dtype)).to(dev, dt)
+        rot = _rotate(rot, cs, ca).div_(then._damped(name, then_damping, rot))
+        qa, qs = then._bases(name, dev, dt)
+        return rot, qs, qa
 
     def _bases(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q_A, Q_S) of module ``name`` on ``device`` in ``dtype``."""
@@ -489,26 +540,6 @@ class Factors:
     def _damped(self, name: str, damping: float | str, like: torch.Tensor) -> torch.Tensor:
         """Λ + λ of module ``name`` [blocks, p, d] on the device and in the dtype of ``like`` (Λ is unchanged)."""
         return (self.lam[name] + self.damping_for(name, damping)[:, None, None]).to(like.device, like.dtype)
-
-    def _scale_and_rotate_back(self, name: str, rot: torch.Tensor, damping: float | str,
-                               then: Factors | None = None, then_damping: float | str = 1e-4) -> torch.Tensor:
-        """``Q_S [rot ⊘ (Λ + λ)] Q_Aᵀ`` for rotated gradients [m, blocks, p, d] (divided in place); with
-        ``then``, rotated into its eigenbasis, divided by its damped Λ and rotated back by its bases."""
-        rot.div_(self._damped(name, damping, rot))
-        last = self
-        if then is not None:
-            if name not in then.specs or then.q_s[name].shape != self.q_s[name].shape \
-                    or then.q_a[name].shape != self.q_a[name].shape:
-                raise ValueError(f"module {name} has different blocks in the two factor sets; both must be "
-                                 "fitted on models of the same architecture")
-            # bases' products in the factors' own (float64) precision, then cast
-            mine_s, mine_a = self.q_s[name], self.q_a[name]
-            qs = (mine_s.transpose(-1, -2) @ then.q_s[name].to(mine_s.device, mine_s.dtype)).to(rot.device, rot.dtype)
-            qa = (mine_a.transpose(-1, -2) @ then.q_a[name].to(mine_a.device, mine_a.dtype)).to(rot.device, rot.dtype)
-            rot = _rotate(rot, qs, qa).div_(then._damped(name, then_damping, rot))
-            last = then
-        qa, qs = last._bases(name, rot.device, rot.dtype)
-        return _rotate(rot, qs, qa, back=True)
 
     def check_finite(self) -> None:
         """Raise naming the first module with non-finite or negative Λ."""
@@ -521,9 +552,14 @@ class Factors:
                 raise FloatingPointError(f"negative eigenvalues Λ in module {name}: the factors are corrupt; "
                                          f"refit them")
 
+    def resident_bytes(self) -> int:
+        """Bytes these factors hold in memory (lazily read ones: none beyond the modules in use)."""
+        return sum(t.numel() * t.element_size() for d in (self.q_a, self.q_s, self.lam)
+                   if not isinstance(d, LazyTensors) for t in d.values())
+
     def n_floats(self) -> int:
-        """Stored numbers: Σ over modules of d² + Σ p² + d·P."""
-        return sum(self.q_a[n].numel() + self.q_s[n].numel() + self.lam[n].numel() for n in self.specs)
+        """Stored numbers: Σ over modules of d² + Σ p² + d·P (from the block shapes: nothing is read)."""
+        return sum(module_floats(s) for s in self.specs.values())
 
     def save(self, directory: str | Path) -> Path:
         """Write ``factors.safetensors`` and ``manifest.json`` into ``directory`` atomically."""
@@ -536,10 +572,14 @@ class Factors:
 
     @staticmethod
     def load(directory: str | Path, expect_fingerprint: str | None = None,
-             device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Factors:
+             device: str | torch.device = "cpu", dtype: torch.dtype | None = None, lazy: bool = False) -> Factors:
         """Read factors; with ``expect_fingerprint``, refuse factors fitted on another model. ``dtype``
         (e.g. float32 for a float32 model, whose gradients are preconditioned in float32 anyway) casts them
-        as they are read: half the memory of the float64 file, each tensor converted once."""
+        as they are read: half the memory of the float64 file, each tensor converted once.
+
+        ``lazy``: read each module's tensors from the file only when they are used (:class:`LazyTensors`,
+        the last two modules kept), so that preconditioning with both stages' factors holds a module or two of
+        each, never every module of both (the memory plan counts it so)."""
         directory = Path(directory)
         mpath, fpath = directory / "manifest.json", directory / "factors.safetensors"
         if not mpath.exists() or not fpath.exists():
@@ -557,10 +597,76 @@ class Factors:
             raise ValueError(
                 f"factors in {directory} were fitted on another model (fingerprint "
                 f"{manifest.get('fingerprint')}, this model is {expect_fingerprint}); refit them")
-        t, _ = read_tensors(fpath, device, dtype)
         specs = {d["name"]: ModuleSpec.from_json(d) for d in manifest["modules"]}
+        if lazy:
+            names = list(specs)
+            keys = tensor_keys(fpath)
+            missing = [f"{k}/{n}" for n in names for k in ("q_a", "q_s", "lam") if f"{k}/{n}" not in keys]
+            if missing:
+                raise UnreadableFileError(f"{fpath} lacks {len(missing)} tensors its manifest names (first: "
+                                          f"{missing[0]}); it was altered or truncated: refit the factors")
+            return Factors(specs, *(LazyTensors(fpath, kind, names, device, dtype) for kind in ("q_a", "q_s", "lam")),
+                           manifest)
+        t, _ = read_tensors(fpath, device, dtype)
         return Factors(specs, {n: t[f"q_a/{n}"] for n in specs}, {n: t[f"q_s/{n}"] for n in specs},
                        {n: t[f"lam/{n}"] for n in specs}, manifest)
+
+
+def module_floats(spec: ModuleSpec) -> int:
+    """Numbers of one module's factors: Q_A d², Q_S n·p², Λ P·d."""
+    return spec.d * spec.d + spec.n_blocks * spec.p * spec.p + spec.out_features * spec.d
+
+
+class LazyTensors(MutableMapping[str, torch.Tensor]):
+    """One kind of factor (``q_a``, ``q_s`` or ``lam``) per module, read from a factors file when accessed.
+
+    Each access of a module not among the last ``keep`` read opens the file and reads that tensor alone
+    (cast to ``dtype`` on ``device``); assigning a module replaces it in memory (the file is unchanged).
+    A file that became unreadable raises an :class:`UnreadableFileError` naming it.
+    """
+
+    def __init__(self, path: str | Path, kind: str, names: list[str], device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, keep: int = 2) -> None:
+        self.path, self.kind, self.names = Path(path), kind, list(names)
+        self.device, self.dtype, self.keep = device, dtype, keep
+        self._recent: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._set: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self._set:
+            return self._set[name]
+        if name not in self.names:
+            raise KeyError(name)
+        if name in self._recent:
+            self._recent.move_to_end(name)
+            return self._recent[name]
+        t = read_tensor(self.path, f"{self.kind}/{name}", self.device, self.dtype)
+        self._recent[name] = t
+        while len(self._recent) > self.keep:
+            self._recent.popitem(last=False)
+        return t
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        if name not in self.names:
+            self.names.append(name)
+        self._set[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        self.names.remove(name)
+        self._set.pop(name, None)
+        self._recent.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.names))
+
+    def moved(self, device: str | torch.device) -> LazyTensors:
+        """The same file's tensors, read onto ``device`` (assigned ones moved now)."""
+        out = LazyTensors(self.path, self.kind, self.names, device, self.dtype, self.keep)
+        out._set = {k: v.to(device) for k, v in self._set.items()}
+        return out
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def finalize(model: nn.Module, specs: list[ModuleSpec], basis: Eigenbasis, lam: LambdaSums,
@@ -595,7 +701,7 @@ def fit_ekfac(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, setti
     cache = PassCache(cache_budget(settings, next(model.parameters()).device))
     sums = covariance_sums(model, specs, encoded, settings, pad_id, cache)
     t1 = time.perf_counter()
-    basis = eigenbasis(sums, specs)
+    basis = eigenbasis(sums, specs, consume=True)  # the sums are not needed again
     t2 = time.perf_counter()
     # how much of the data the Λ pass took from memory instead of a second forward/backward
     cached = {"batches": len(cache.batches), "mib": round(cache.used / 2**20, 1),
@@ -680,6 +786,39 @@ def read_tensors(path: str | Path, device: str | torch.device = "cpu",
             return {k: f.get_tensor(k).to(dtype) for k in f.keys()}, meta  # one tensor at a time
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UnreadableFileError(f"{path} is unreadable ({e}); it was truncated or altered") from e
+
+
+def tensor_keys(path: str | Path) -> set[str]:
+    """The tensor names of a safetensors file (its header only; errors as :func:`read_tensors`)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return set(f.keys())
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UnreadableFileError(f"{path} is unreadable ({e}); it was truncated or altered") from e
+
+
+def read_tensor(path: str | Path, key: str, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One tensor of a safetensors file (errors as :func:`read_tensors`; a missing key names the file)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; refit or restore the factors")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            if key not in f.keys():
+                raise UnreadableFileError(f"{path} has no tensor {key!r}; it was altered or written for other "
+                                          f"modules: refit it")
+            t = f.get_tensor(key)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise UnreadableFileError(f"{path} is unreadable ({e}); it was truncated or altered") from e
+    return t if dtype is None else t.to(dtype)
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .data import Encoded, iter_batches
-from .ekfac import Factors, read_json, read_tensors, save_tensor_dir
+from .ekfac import Factors, _rotate, compute_dtype, read_json, read_tensors, save_tensor_dir
 from .gradients import analysed_grads_only, forward_backward
 from .methods import GRADIENT_METHODS
 from .methods import get as get_method
@@ -310,17 +310,29 @@ def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], meth
         pieces = []
         for lo in range(0, n_q, QUERY_SLICE):  # a slice of queries at a time: temporaries stay bounded
             sl = slice(lo, min(lo + QUERY_SLICE, n_q))
+            basis = None
             if not m.finetune_factors:  # GDP: ∇m as is
                 g = grads[s.name][sl]
-            else:  # P_ft ∇m, then (MS-IF) P_pt of that
+                out_dtype = compute_dtype(g.dtype)
+                g = g.to(out_dtype)
+            else:  # P_ft ∇m, then (MS-IF) P_pt of that, in the last factors' eigenbasis
                 then = pt_factors if m.pretrain_factors else None
                 tok = grads.tokens(s.name) if tokens else None
-                g = (ft_factors.precondition_tokens(s.name, tok[0][sl], tok[1][sl], damping_ft, then=then,
-                                                    then_damping=damping_pt) if tok is not None
-                     else ft_factors.precondition(s.name, grads[s.name][sl], damping_ft, then=then,
-                                                  then_damping=damping_pt))
+                src = dict(tokens=(tok[0][sl], tok[1][sl])) if tok is not None else dict(grads=grads[s.name][sl])
+                rot, qs, qa = ft_factors.in_eigenbasis(s.name, damping_ft, then, damping_pt, **src)
+                out_dtype = compute_dtype((tok[0] if tok is not None else grads[s.name]).dtype)
+                if low:  # factor R, then rotate the factors: U = Q_S U_R, V = Q_A V_R (no dense rotation back)
+                    g, basis = rot.reshape(rot.shape[0], s.out_features, s.d), (qs, qa)
+                else:
+                    g = _rotate(rot, qs, qa, back=True).reshape(-1, s.out_features, s.d).to(out_dtype)
+                del rot
             if low:
-                g = low_rank_module(g, s, rank) if rank_scope == "module" else _low_rank(g, s, rank)
+                u, v = low_rank_module(g, s, rank) if rank_scope == "module" else _low_rank(g, s, rank)
+                if basis is not None:
+                    qs, qa = basis
+                    u = torch.einsum("npk,qnkr->qnpr", qs.to(u.dtype), u)
+                    v = torch.matmul(qa.to(v.dtype), v)
+                g = (u.to(out_dtype).contiguous(), v.to(out_dtype).contiguous())  # as a saved copy reads back
             pieces.append(g)
         if low:
             out.u[s.name] = torch.cat([u for u, _ in pieces]) if len(pieces) > 1 else pieces[0][0]

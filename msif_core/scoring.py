@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .data import Encoded, iter_batches
+from .ekfac import compute_dtype
 from .gradients import analysed_grads_only, forward_backward
 from .models import ModuleSpec
 from .query import QUERY_SLICE, QueryIHVPs
@@ -63,7 +64,8 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
     """Score every document in ``encoded`` against every query iHVP in ``ihvps``.
 
     ``model`` is θ_pt for MS-IF and GDP, θ_ft for SS-IF. The document loss is its summed next-token
-    cross-entropy over its own tokens. Results are in the order of ``encoded``.
+    cross-entropy over its own tokens. Results are in the order of ``encoded``. A half-precision model's
+    captures are scored in float32 (gradients, products and sums), as its iHVPs are kept.
 
     With the ``"gradient"`` contraction, the per-sequence gradients of successive batches are grouped
     (about one sequence per query, at most ``group_mib`` MiB) before their product with the query
@@ -79,7 +81,7 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
     t_start = time.perf_counter()
     specs = list(ihvps.specs.values())
     dev = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
+    dtype = compute_dtype(next(model.parameters()).dtype)  # half-precision models: products and sums in float32
     pad = pad_id if pad_id is not None else int(getattr(model.config, "pad_token_id", None) or 0)
     nq, n = ihvps.n_queries, len(encoded)
     blocks = [b for s in specs for b in s.blocks]
@@ -141,7 +143,7 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
             b, t = batch.input_ids.shape
             rows = torch.tensor(batch.index)
             for s in specs:
-                a, ds = cap.a[s.name], cap.ds[s.name]
+                a, ds = cap.a[s.name].to(dtype), cap.ds[s.name].to(dtype)
                 shared = s.name in uv and uv[s.name][1].shape[1] == 1
                 r_eff = int(uv[s.name][0].shape[-1]) if s.name in uv else 0  # min(r, P, d) as stored
                 c_dense, c_low = _costs(s, t, nq, r_eff, shared)

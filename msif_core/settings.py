@@ -55,7 +55,8 @@ class ScoreSettings:
     damping_pretrain: float | str = setting(1e-4, "λ of P_pt: a number, or 'relative:c' (c x mean eigenvalue)")
     damping_finetune: float | str = setting(1e-4, "λ of P_ft: a number, or 'relative:c' (c x mean eigenvalue)")
     query_rank: int = setting(0, "0 exact; r > 0 keeps rank-r query iHVPs of each module's whole matrix", minimum=0)
-    memory_gib: float | None = setting(None, "memory budget of the query side (GiB), from which the query chunks "
+    memory_gib: float | None = setting(None, "memory budget of the whole attribution process (GiB, models "
+                                             "included), from which the query chunks and the document batch "
                                              "follow (msif_core.plan); default: half the memory available")
 
     @property

@@ -165,6 +165,18 @@ def attribution_settings(cfg: ExperimentConfig):
                                query_rank=s.query_rank, methods=s.gradient_methods)
 
 
+def memory_plan(step: Step, pt, ft, queries: int, query_tokens: int):
+    """The memory plan (``msif_core.plan``) of a step holding both stages' models, factors read lazily:
+    query_ihvps chunks by it, influence_scores takes its document batch and candidate group."""
+    from msif_core.plan import model_bytes, plan_memory, vocab_size
+
+    cfg = step.cfg
+    return plan_memory(ft.specs, queries, cfg.scores.query_rank, query_tokens, next(ft.model.parameters()).dtype,
+                       cfg.scores.memory_gib, next(ft.model.parameters()).device, cfg.factors.max_length,
+                       resident_bytes=model_bytes(pt.model, ft.model), batch_size=cfg.factors.batch_size,
+                       vocab=vocab_size(pt.model))
+
+
 # ----------------------------------------------------------------------------------------------- graph
 
 Deps = dict[str, list[tuple[str, str | None]]]  # asset -> [(upstream, "identity" | None)]

@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..io import read_parquet_checked, write_parquet_atomic
 from ..markdown import md_table
-from .base import Step, Timer, asset, fix
+from .base import Step, Timer, asset, fix, memory_plan
 from .corpus import read_queries
 
 QUERIES_COLUMNS = ("query_id", "prompt", "completion", "scored")
@@ -64,7 +64,6 @@ def write_chunks(step: Step, pt, ft, qenc, qids: list[str]) -> dict[str, Any]:
 
     from msif_core.ekfac import Factors
     from msif_core.models import fingerprint
-    from msif_core.plan import plan_memory
     from msif_core.query import chunk_ihvps
 
     from ..outputs import file_fingerprint
@@ -79,14 +78,14 @@ def write_chunks(step: Step, pt, ft, qenc, qids: list[str]) -> dict[str, Any]:
     dtype = next(ft.model.parameters()).dtype
     cast = dtype if dtype in (torch.float32, torch.float64) else torch.float32  # preconditioning's own precision
     if s.needs_finetune_factors:
-        ftf = Factors.load(layout.finetune_factors, expect_fingerprint=inputs["ft"], dtype=cast)
+        ftf = Factors.load(layout.finetune_factors, expect_fingerprint=inputs["ft"], dtype=cast,
+                           lazy=True)
         inputs["ft_factors"] = file_fingerprint(layout.finetune_factors / "factors.safetensors")
     if s.needs_pretrain_factors:
-        ptf = Factors.load(layout.pretrain_factors, expect_fingerprint=fingerprint(pt.model, pt.specs), dtype=cast)
+        ptf = Factors.load(layout.pretrain_factors, expect_fingerprint=fingerprint(pt.model, pt.specs),
+                           dtype=cast, lazy=True)
         inputs["pt_factors"] = file_fingerprint(layout.pretrain_factors / "factors.safetensors")
-    dev = next(ft.model.parameters()).device
-    plan = plan_memory(ft.specs, len(qids), s.query_rank, max(len(x) for x in qenc.input_ids),
-                       next(ft.model.parameters()).dtype, s.memory_gib, dev, cfg.factors.max_length)
+    plan = memory_plan(step, pt, ft, len(qids), max(len(x) for x in qenc.input_ids))
     step.log.info(plan.describe())
     sq = dict.fromkeys(s.gradient_methods, 0.0)
     resumed = []

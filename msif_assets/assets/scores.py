@@ -16,7 +16,7 @@ from msif_core.tables import long_table, with_rank
 from ..io import CorruptTableError, read_parquet_checked, write_parquet_atomic
 from ..markdown import md_table
 from ..sources import CORPUS_PARTITIONS
-from .base import Step, Timer, asset, fix
+from .base import Step, Timer, asset, fix, memory_plan
 from .corpus import read_documents
 from .queries import chunk_dirs, read_queries_table
 
@@ -39,7 +39,6 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
     """Score one shard's candidate pairs with every configured method; the long table and metadata."""
     from msif_core.api import encode_queries
     from msif_core.data import encode_documents
-    from msif_core.plan import plan_memory
     from msif_core.query import QueryIHVPs
 
     cfg, layout = step.cfg, step.layout
@@ -55,8 +54,7 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
     frames = []
     dev = next(pt.model.parameters()).device
     position = {d: i for i, d in enumerate(kept.doc_id)}
-    group_mib = plan_memory(pt.specs, 1, cfg.scores.query_rank, 8, next(pt.model.parameters()).dtype,
-                            cfg.scores.memory_gib, dev, cfg.factors.max_length).group_mib
+    plan = memory_plan(step, pt, ft, len(scored_q), 8)  # its document batch and candidate group
     for m in cfg.scores.methods:
         t = Timer()
         if registry.get(m).gradient:  # query chunk by chunk: each chunk's candidates only
@@ -71,8 +69,8 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
                 if not pos:
                     continue
                 try:
-                    res = registry.score(m, pt, ft, enc.subset(pos), ihvps=ih, batch_size=cfg.factors.batch_size,
-                                         group_mib=group_mib)
+                    res = registry.score(m, pt, ft, enc.subset(pos), ihvps=ih, batch_size=plan.batch_size,
+                                         group_mib=plan.group_mib)
                 except ValueError as e:
                     raise dg.Failure(str(e)) from e
                 long = long_table(res.scores, kept.doc_id.iloc[pos].tolist(), cq, m, res.mlp, res.mha)

@@ -22,21 +22,23 @@ def _tables(root: Path) -> pd.DataFrame:
     return df.sort_values(["query_id", "method", "doc_id"]).reset_index(drop=True)
 
 
-def _memory_for_chunks(toml: Path, queries_per_chunk: float) -> float:
-    """The memory_gib whose plan (as query_ihvps makes it) holds ``queries_per_chunk`` queries."""
+def _memory_for_chunks(toml: Path, queries_per_chunk: int) -> float:
+    """The memory_gib whose plan (as query_ihvps makes it, both models held) puts ``queries_per_chunk``
+    queries in a chunk."""
     from msif_assets.assets.base import attribution_settings
     from msif_assets.config import load_config
     from msif_assets.io import read_records
     from msif_core.api import encode_queries, load_stages
-    from msif_core.plan import GIB, fixed_bytes, query_bytes
+    from msif_core.plan import budget_for, model_bytes, vocab_size
 
     cfg = load_config(toml)
-    _, ft = load_stages(cfg.pretrained, cfg.finetuned, attribution_settings(cfg))
+    pt, ft = load_stages(cfg.pretrained, cfg.finetuned, attribution_settings(cfg))
     q = read_records(cfg.queries, "queries", ("prompt", "completion"))
     t = max(len(x) for x in encode_queries(ft, q.prompt.tolist(), q.completion.tolist(), 32).input_ids)
-    per = query_bytes(ft.specs, 0, t, 4)
-    fixed = 32 * sum(s.out_features + s.d for s in ft.specs) * 4 + fixed_bytes(ft.specs, 0, 4, t)
-    return (queries_per_chunk * per + fixed) / 0.75 / GIB
+    return budget_for(ft.specs, queries_per_chunk, queries=len(q), rank=cfg.scores.query_rank, query_tokens=t,
+                      dtype=next(ft.model.parameters()).dtype, doc_tokens=cfg.factors.max_length,
+                      resident_bytes=model_bytes(pt.model, ft.model), batch_size=cfg.factors.batch_size,
+                      vocab=vocab_size(pt.model))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +55,7 @@ def test_chunked_pipeline_gives_the_same_tables(single, tmp_path: Path, monkeypa
     root = tmp_path / "w"
     shutil.copytree(src, root, ignore=shutil.ignore_patterns("lakehouse"))
     toml = root / "experiment.toml"
-    gib = _memory_for_chunks(toml, 2.5)  # 6 queries → 3 chunks of 2
+    gib = _memory_for_chunks(toml, 2)  # 6 queries → 3 chunks of 2
     toml.write_text(toml.read_text().replace("[scores]\n", f"[scores]\nmemory_gib = {gib!r}\n"))
     import msif_core.query
 

@@ -5,7 +5,7 @@
 # 1. the CUDA tests (tests/core/test_cuda.py, and the one-call API on the GPU in tests/core/test_scoring.py);
 # 2. bench/bench_core.py on the GPU, with kronfluence on the same GPU, for the three model sizes;
 # 3. with SCALE=1, bench/bench_scale.py at pythia-410m (100 queries, rank 32, bf16; SCALE_SHAPE=dolly-3b for
-#    the paper's case-study size) — bf16 is not yet checked against float32 by a test (issue 11).
+#    the paper's case-study size; bf16 against float64 on a tiny model: tests/core/test_half.py).
 set -o pipefail
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"

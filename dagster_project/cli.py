@@ -93,9 +93,9 @@ def _print_summary(cfg, n_queries: int = 3, top: int = 5) -> None:
             q = run_named(con, "quality")
             print(f"\nFact-tracing quality over {int(q.n_queries.max())} queries "
                   f"(candidates per query and shard: {cfg.scores.candidates})")
-            print(f"  {'method':<8} {'MRR':>7} {'Recall@10':>10}")
+            print(f"  {'method':<10} {'MRR':>7} {'Recall@10':>10}")
             for r in q.itertuples():
-                print(f"  {r.method:<8} {r.mrr:>7.3f} {r.recall_at_k:>10.3f}")
+                print(f"  {r.method:<10} {r.mrr:>7.3f} {r.recall_at_k:>10.3f}")
     finally:
         con.close()
     print(f"\nSQL:    duckdb {layout.database}   (views: influence_scores, top_influences, documents, queries)")

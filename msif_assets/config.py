@@ -37,7 +37,7 @@ Example (every key but the paths shows its default)::
     # "model.layers.0.mlp.fc1" = "mlp" #   each named module is one block, "mlp" or "mha"; quote the names
 
     [scores]
-    methods = ["ms_if", "ss_if", "gdp", "repsim", "bm25"]
+    methods = ["ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever"]
     damping_pretrain = 1e-4         # a number, or "relative:0.1"
     damping_finetune = 1e-4
     candidates = 100                # nearest documents per query and shard, or "all"

@@ -143,6 +143,10 @@ def attribute(pretrained: str | Path, finetuned: str | Path, documents: Sequence
     settings = settings or AttributionSettings()
     for m in settings.methods:
         registry.get(m)
+    if "retriever" in settings.methods:
+        raise ValueError("methods: 'retriever' is the pipeline's candidate retriever (LanceDB embedding search); "
+                         "attribute() scores every document without one. Fix: leave it out of methods, or run the "
+                         "pipeline (msif run), whose tables carry it")
     need_ft = settings.needs_finetune_factors
     for what, given, fix in (("documents", documents, "pass the pre-training documents as (doc_id, text) pairs"),
                              ("queries", queries, "pass (query_id, prompt, completion) triples"),

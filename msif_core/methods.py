@@ -6,6 +6,8 @@
 ``gdp``       gradient dot product ∇m(x; θ_ft)ᵀ ∇ℓ(z; θ_pt) — no factors
 ``repsim``    cosine of mean-pooled last hidden states, θ_pt on documents, θ_ft on queries
 ``bm25``      BM25 of the query text (prompt + completion) against each document's words
+``retriever`` the candidate retriever's own ranking: cosine similarity of sentence embeddings of the
+              query text and the document (the pipeline's LanceDB search; whether a rerank helps)
 ============  =========================================================================================
 
 Everything that asks "does this method need X" asks :data:`METHODS`; :func:`score` is the one place a
@@ -45,6 +47,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("gdp", "gradient dot product", True, False, False, "pretrained", True),
     Method("repsim", "representation similarity (mean-pooled hidden states)", False, False, False, "pretrained"),
     Method("bm25", "BM25 word overlap of query and document", False, False, False, ""),
+    Method("retriever", "the candidate retriever's embedding similarity (what the influence methods rerank)",
+           False, False, False, ""),
 )}
 ALL_METHODS: tuple[str, ...] = tuple(METHODS)
 GRADIENT_METHODS: tuple[str, ...] = tuple(m for m, d in METHODS.items() if d.gradient)
@@ -89,13 +93,14 @@ class MethodScores:
 def score(method: str, pt: Stage, ft: Stage, documents: Encoded, *, ihvps: QueryIHVPs | None = None,
           queries: Encoded | None = None, query_texts: Sequence[str] | None = None,
           corpus_texts: Sequence[str] | None = None, positions: Sequence[int] | None = None,
-          batch_size: int = 8, group_mib: float = 4096) -> MethodScores:
+          similarities: np.ndarray | None = None, batch_size: int = 8, group_mib: float = 4096) -> MethodScores:
     """Scores of ``documents`` (encoded with θ_pt's tokenizer) for the queries, by ``method``.
 
     Gradient methods need ``ihvps`` (their query iHVPs); ``repsim`` the encoded ``queries``; ``bm25`` the
     ``query_texts`` and the ``corpus_texts`` its word statistics come from, with ``positions`` of the
-    scored documents among them (default: all of them, in order). ``group_mib`` bounds the candidate
-    gradients scored together (:func:`msif_core.scoring.score_documents`).
+    scored documents among them (default: all of them, in order); ``retriever`` the ``similarities``
+    [documents, queries] of the embeddings the candidates were chosen by (the pipeline's candidates table).
+    ``group_mib`` bounds the candidate gradients scored together (:func:`msif_core.scoring.score_documents`).
     """
     from .scoring import score_documents
 
@@ -125,6 +130,12 @@ def score(method: str, pt: Stage, ft: Stage, documents: Encoded, *, ihvps: Query
             raise ValueError("bm25 needs query_texts= and corpus_texts=")
         s = bm25_scores(list(corpus_texts), list(query_texts))
         return MethodScores(s if positions is None else s[np.asarray(positions, dtype=np.int64)])
+    if method == "retriever":
+        if similarities is None:
+            raise ValueError("retriever ranks by the candidate retriever's embedding similarities, which the "
+                             "pipeline's candidates table holds; pass similarities= (the one-call API has no "
+                             "retriever: score with the pipeline, or leave 'retriever' out of methods)")
+        return MethodScores(np.asarray(similarities, dtype=np.float64))
     raise ValueError(f"no scorer for method {method!r}")  # pragma: no cover - every registered method has one
 
 

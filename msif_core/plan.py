@@ -102,15 +102,17 @@ def budget_bytes(memory_gib: float | None, device: torch.device | str = "cpu") -
     return 4 * GIB if avail is None else int(min(avail * AUTO_SHARE, AUTO_MAX))
 
 
-def model_bytes(*models: torch.nn.Module | None) -> int:
-    """Parameter and buffer bytes of the distinct ``models`` on the CPU (a model on a GPU is not in the
-    process's resident memory; None and repeats are skipped)."""
+def model_bytes(*models: torch.nn.Module | None, device: torch.device | str | None = None) -> int:
+    """Parameter and buffer bytes of the distinct ``models`` (None and repeats skipped) that lie on
+    ``device``'s kind of memory (default: each model's first parameter's): the budget is that device's."""
     seen, total = set(), 0
     for m in models:
         if m is None or id(m) in seen:
             continue
         seen.add(id(m))
-        total += sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()) if t.device.type == "cpu")
+        tensors = (*m.parameters(), *m.buffers())
+        kind = torch.device(device).type if device is not None else (tensors[0].device.type if tensors else "cpu")
+        total += sum(t.numel() * t.element_size() for t in tensors if t.device.type == kind)
     return total
 
 

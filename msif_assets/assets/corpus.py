@@ -5,6 +5,7 @@ candidates[s]``)."""
 from __future__ import annotations
 
 import dagster as dg
+import numpy as np
 import pandas as pd
 
 from msif_core.retrieval import all_pairs, nearest_pairs
@@ -81,11 +82,18 @@ def corpus_embeddings(step: Step) -> dg.MaterializeResult:
 def _describe_candidates(cfg, _) -> str:
     k = cfg.scores.candidates
     return "Documents each query scores in this shard: " + (
-        "all of them." if k == "all" else f"its {k} nearest by cosine similarity (LanceDB).")
+        "all of them, at their cosine distance." if k == "all" else f"its {k} nearest by cosine similarity (LanceDB).")
+
+
+def cosine_distances(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """[Q, N] cosine distances 1 - cos (LanceDB's "cosine" distance type), query-major like ``all_pairs``."""
+    qn = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    dn = docs / np.maximum(np.linalg.norm(docs, axis=1, keepdims=True), 1e-12)
+    return 1.0 - qn @ dn.T
 
 
 @asset("candidates", "corpus", _describe_candidates, deps=["corpus_embeddings", "queries"],
-       settings=["scores.candidates"], version_extra=lambda _, emb: emb, partitions=CORPUS_PARTITIONS,
+       settings=["scores.candidates"], version_extra=lambda _, emb: f"{emb} distances", partitions=CORPUS_PARTITIONS,
        kinds=["lancedb", "parquet"], resources=["lakehouse", "embedder"], outputs=lambda lay, k, _: [lay.candidates(k)])
 def candidates(step: Step) -> dg.MaterializeResult:
     """(query, document) pairs to score in one shard: all of them, or each query's nearest documents."""
@@ -93,10 +101,13 @@ def candidates(step: Step) -> dg.MaterializeResult:
     t = Timer()
     q = read_queries(step)
     tbl = step.lakehouse.embeddings(key, fix("corpus_embeddings", key))
-    if k == "all":
-        df = all_pairs(q.query_id.tolist(), tbl.to_arrow().column("doc_id").to_pylist())
+    vecs = step.embedder.encode((q.prompt.astype(str) + q.completion.astype(str)).tolist())
+    if k == "all":  # every pair, at its cosine distance (the retriever method ranks by it)
+        arrow = tbl.to_arrow()
+        docs = np.asarray(arrow.column("vector").to_pylist(), dtype=np.float64)
+        df = all_pairs(q.query_id.tolist(), arrow.column("doc_id").to_pylist())
+        df["distance"] = cosine_distances(np.asarray(vecs, dtype=np.float64), docs).ravel()
     else:
-        vecs = step.embedder.encode((q.prompt.astype(str) + q.completion.astype(str)).tolist())
         res = (tbl.search([v for v in vecs]).distance_type("cosine").limit(int(k)).select(["doc_id", "_distance"])
                .to_arrow().to_pandas())
         if "query_index" not in res.columns:  # a single query comes back without its index

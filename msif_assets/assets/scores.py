@@ -87,7 +87,11 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
         else:
             kw: dict[str, Any] = {}
             qids = scored_q.query_id.tolist()
-            if m == "repsim":
+            if m == "retriever":  # the candidates' own cosine similarity, 1 - distance
+                sim = (cands.assign(s=1.0 - cands.distance.astype(float))
+                       .pivot_table(index="doc_id", columns="query_id", values="s", aggfunc="first"))
+                kw["similarities"] = sim.reindex(index=kept.doc_id, columns=qids).to_numpy(dtype=float)
+            elif m == "repsim":
                 qenc = encode_queries(ft, scored_q.prompt.tolist(), scored_q.completion.tolist(),
                                       cfg.factors.max_length)
                 qids = scored_q.query_id.iloc[qenc.kept].tolist()

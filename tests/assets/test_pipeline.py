@@ -68,8 +68,8 @@ def test_tables_and_metadata(run) -> None:
     cfg, _, pipe, _ = run
     layout = Layout(cfg.root)
     df = scores_frame(layout)
-    assert set(df.method) == {"ms_if", "ss_if", "gdp", "repsim", "bm25"}
-    assert len(df) == 5 * 6 * 6 * 3  # methods × queries × candidates per shard × shards
+    assert set(df.method) == {"ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever"}
+    assert len(df) == 6 * 6 * 6 * 3  # methods × queries × candidates per shard × shards
     assert np.isfinite(df.score).all()
     grad = df[df.method.isin(["ms_if", "ss_if", "gdp"])]
     np.testing.assert_allclose(grad.mlp_score + grad.mha_score, grad.score, rtol=1e-6, atol=1e-9)
@@ -80,6 +80,11 @@ def test_tables_and_metadata(run) -> None:
     m = df.merge(raw, on=["query_id", "doc_id", "method"], suffixes=("", "_ref"))
     assert len(m) == len(df) and (m["rank"] == m["rank_ref"]).all()
     assert (raw.shard_rank != raw["rank"]).any()
+    # the retriever's scores are the candidates' cosine similarities, its shard ranks their neighbour ranks
+    ret = raw[raw.method == "retriever"].merge(
+        pd.concat([pd.read_parquet(layout.candidates(k)) for k in SHARDS]), on=["query_id", "doc_id", "shard"])
+    np.testing.assert_allclose(ret.score, 1 - ret.distance, rtol=0, atol=1e-12)
+    assert (ret.shard_rank == ret.neighbour_rank).all()
     cols = set(raw.columns)
     assert {"damping_pretrain", "damping_finetune", "pretrained_version", "finetuned_version"} <= cols
     assert set(raw[raw.method == "ms_if"].damping_finetune) == {"relative:0.1"}

@@ -16,7 +16,7 @@ from msif_core.tables import RANK_ORDER_SQL, long_table, with_rank
 
 
 def test_registry() -> None:
-    assert methods.ALL_METHODS == ("ms_if", "ss_if", "gdp", "repsim", "bm25")
+    assert methods.ALL_METHODS == ("ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever")
     assert methods.GRADIENT_METHODS == ("ms_if", "ss_if", "gdp")
     assert methods.needs_pretrain_factors(["gdp", "ms_if"]) and not methods.needs_pretrain_factors(["ss_if", "bm25"])
     assert methods.needs_finetune_factors(["ss_if"]) and not methods.needs_finetune_factors(["gdp", "repsim"])

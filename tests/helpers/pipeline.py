@@ -77,7 +77,7 @@ def perturb_checkpoint(src: Path, dst: Path, seed: int, scale: float = 0.02) -> 
 
 
 def build_world(root: Path, n_docs: int = 40, shard_size: int = 16, candidates: int | str = 6,
-                methods: tuple[str, ...] = ("ms_if", "ss_if", "gdp", "repsim", "bm25")) -> Path:
+                methods: tuple[str, ...] = ("ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever")) -> Path:
     """Write the world under ``root`` and return the path of its experiment TOML file."""
     docs = corpus_rows(n_docs)
     extra = [f"{n} was born in {c} ." for n in NAMES for c in CITIES] + [f"{n} works as a {j} ." for n in NAMES

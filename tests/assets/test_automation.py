@@ -102,7 +102,7 @@ def test_new_corpus_shard(world) -> None:
     assert done == {(a, new) for a in ("corpus_shards", "corpus_embeddings", "candidates", "influence_scores")} \
         | REPORTS
     con_rows = pd.read_parquet(Layout(cfg.root).scores(new))
-    assert set(con_rows.shard) == {new} and len(con_rows) == 5 * 6 * 6
+    assert set(con_rows.shard) == {new} and len(con_rows) == 6 * 6 * 6  # methods × queries × candidates
     assert pipe.update().runs == []
 
 

@@ -53,8 +53,13 @@ class ScoreResult:
         return self.by_block[:, sel, :].sum(axis=1) if sel.any() else np.zeros_like(self.scores)
 
 
-def _costs(spec: ModuleSpec, t: int, q: int, r: int, shared_v: bool = False) -> tuple[float, float]:
-    dense = t * spec.out_features * spec.d + q * spec.out_features * spec.d
+def _costs(spec: ModuleSpec, t: int, q: int, r: int, shared_v: bool = False,
+           group_rows: int = 1) -> tuple[float, float]:
+    """Flops per document of the gradient route (form the gradient, its products with the queries, and, for
+    rank-r iHVPs, their expansion, done once per group of ``group_rows`` documents) and of the low-rank
+    token route."""
+    pd_ = spec.out_features * spec.d
+    dense = t * pd_ + q * pd_ + (q * pd_ * r / max(group_rows, 1) if r else 0)
     low = t * q * r * (spec.out_features + (1 if shared_v else spec.n_blocks) * spec.d) if r else float("inf")
     return dense, low
 
@@ -146,7 +151,7 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
                 a, ds = cap.a[s.name].to(dtype), cap.ds[s.name].to(dtype)
                 shared = s.name in uv and uv[s.name][1].shape[1] == 1
                 r_eff = int(uv[s.name][0].shape[-1]) if s.name in uv else 0  # min(r, P, d) as stored
-                c_dense, c_low = _costs(s, t, nq, r_eff, shared)
+                c_dense, c_low = _costs(s, t, nq, r_eff, shared, group_rows)
                 use_low = s.name in uv and (strategy == "low_rank" or (strategy == "auto" and c_low < c_dense))
                 if use_low:
                     u, v = uv[s.name]  # [Q, n, p, r], [Q, n or 1, d, r]

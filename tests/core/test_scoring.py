@@ -249,7 +249,8 @@ def test_auto_contraction_mixing_strategies_across_grouped_batches():
     ih = query_ihvps(grads, w.specs, "ss_if", ft_factors=w.ft_f, damping_ft=DAMP_FT, rank=4, rank_scope="block")
     docs = random_docs(8, 2, 6, seed=34)
     lengths = sorted({len(x) for x in docs.input_ids})
-    chosen = {(s.name, t): _costs(s, t, 3, 4)[1] < _costs(s, t, 3, 4)[0] for s in w.specs for t in lengths}
+    chosen = {(s.name, t): _costs(s, t, 3, 4, group_rows=8)[1] < _costs(s, t, 3, 4, group_rows=8)[0]
+              for s in w.specs for t in lengths}  # as with one group of all 8 documents (group_mib=1024)
     assert any(chosen.values()) and not all(chosen.values()), "the data must mix both contractions"
     assert any(len({chosen[s.name, t] for t in lengths}) == 2 for s in w.specs), "…within one module"
     want = w.explicit({n: ih.matrix(n) for n in w.names},

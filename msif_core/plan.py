@@ -13,15 +13,16 @@ The budget is the process's (what ``ru_maxrss`` reports), so the plan subtracts 
     their bases' products);
   * scoring: one batch of documents through the model (its activations and captured a, ds:
     :data:`ACTIVATION_FACTOR` × Σ(P + d) per token, and the logits), the group of candidate gradients
-    scored together (at least the batch's; up to :data:`GROUP_SHARE` of the budget) and, at rank r, a
-    slice's expansion of the largest module.
+    scored together (at least the batch's; up to :data:`GROUP_SHARE` of the budget, and whatever the
+    chunk's iHVPs leave) and, at rank r, a slice's expansion of the largest module.
 
 What is left holds the chunk's query iHVPs (per query: P·d per module exact, with a copy in the scoring
 layout for modules of several blocks; (P + d)·r per module at module rank r): the chunk size is how many
 fit, and each chunk is one pass over its candidates. The document batch is the configured one, halved
 until a batch's temporaries take at most :data:`BATCH_SHARE` of the budget.
 
-The budget defaults to half the memory available on the device (:func:`msif_core.memory.available_memory`)
+The plan fills :data:`PLANNED_SHARE` of the budget (the rest is for what its estimates miss). The budget
+defaults to half the memory available on the device (:func:`msif_core.memory.available_memory`)
 when the plan is made, at most 64 GiB.
 """
 
@@ -44,6 +45,7 @@ BATCH_SHARE = 0.25  # of the budget, at most, for one batch of documents' activa
 RUNTIME_BYTES = int(0.6 * GIB)  # Python, torch and transformers loaded, before any model (measured on CPU)
 ACTIVATION_FACTOR = 2.5  # a batch's activations per token, in units of its captured Σ(P + d) (measured: ~2.3)
 LOGIT_COPIES = 3  # logits, their log-softmax and its gradient, float32
+PLANNED_SHARE = 0.92  # of the budget the plan fills: the rest for what its estimates miss (allocator, Python)
 
 
 class MemoryBudgetError(ValueError):
@@ -184,7 +186,7 @@ def plan_memory(specs: list[ModuleSpec], queries: int, rank: int = 0, query_toke
     group = max(batch * row, min(int(budget * GROUP_SHARE), max(queries, 1) * row))
     score_temp = batch * one_doc + (group - batch * row) + expand
     temp = max(fixed_bytes(specs, rank, itemsize, query_tokens), score_temp)
-    room = budget - resident - temp
+    room = int(budget * PLANNED_SHARE) - resident - temp
     if room < per:
         raise MemoryBudgetError(
             f"the memory budget of {budget / GIB:.2f} GiB cannot hold one query and one document: one query needs "
@@ -195,6 +197,12 @@ def plan_memory(specs: list[ModuleSpec], queries: int, rank: int = 0, query_toke
             f"rank-r iHVPs take (P + d)·r per module), lower max_length, or analyse fewer modules "
             f"(modules = \"mlp\")")
     k = max(1, min(queries, room // per)) if queries else 1
+    # what the chunk leaves goes to the candidate group (up to a row per query): a group of k documents
+    # expands rank-r iHVPs once per k documents, and reads dense ones once per k
+    free = (room - k * per) + (temp - score_temp)  # unused by the chunk, and by scoring within the query side's
+    extra = max(0, min(max(queries, 1) * row - group, free))
+    group += extra
+    temp = max(temp, score_temp + extra)
     return MemoryPlan(budget, per, temp, group, queries, int(k), resident, batch)
 
 

@@ -81,7 +81,7 @@ def _queries(n: int, length: int, seed: int):
 
 def synthetic_factors(specs, seed: int):
     """Factors of the right shapes whose values are not fitted: random orthonormal bases (QR of Gaussian
-    matrices) and Λ uniform in [0.1, 1.1). What attribution costs in memory and time does not depend on the
+    matrices) and Λ uniform in [0.1, 1.1), stored in float32. What attribution costs in memory and time does not depend on the
     values, and fitting both stages at Pythia-410M's shape takes about an hour on a 2-core CPU (96 float64
     eigendecompositions of 4096 x 4096); ``--synthetic-factors`` uses these, and rows say so."""
     from msif_core.ekfac import FACTORS_FORMAT, Factors
@@ -89,9 +89,9 @@ def synthetic_factors(specs, seed: int):
     g = torch.Generator().manual_seed(seed)
     q_a, q_s, lam = {}, {}, {}
     for s in specs:
-        q_a[s.name] = torch.linalg.qr(torch.randn(s.d, s.d, generator=g)).Q.double()
-        q_s[s.name] = torch.linalg.qr(torch.randn(s.n_blocks, s.p, s.p, generator=g)).Q.double()
-        lam[s.name] = (torch.rand(s.n_blocks, s.p, s.d, generator=g) + 0.1).double()
+        q_a[s.name] = torch.linalg.qr(torch.randn(s.d, s.d, generator=g)).Q  # float32, as a float32 run reads
+        q_s[s.name] = torch.linalg.qr(torch.randn(s.n_blocks, s.p, s.p, generator=g)).Q
+        lam[s.name] = torch.rand(s.n_blocks, s.p, s.d, generator=g) + 0.1
     return Factors({s.name: s for s in specs}, q_a, q_s, lam, {"format": FACTORS_FORMAT, "synthetic": True})
 
 

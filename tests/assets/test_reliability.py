@@ -323,3 +323,23 @@ def test_empty_completion_is_a_named_warning(fresh, capsys: pytest.CaptureFixtur
     assert rc == 0
     assert f"note: [data] queries: 1 of {len(rows)} queries have an empty completion and will not be scored: " \
            f"{rows[2]['query_id']}" in out
+
+
+def test_ui_opens_the_instance_msif_run_wrote_to(world, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`msif ui` (what `make ui` runs) starts `dagster dev` with DAGSTER_HOME on the instance `msif run`
+    used: the UI's instance, opened as `dagster dev` opens it, holds the run's materialisations."""
+    root, toml, _, _ = world
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    seen: dict = {}
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: seen.update(cmd=cmd, env=env) or 0)
+    assert cli.main(["ui", str(toml)]) == 0
+    assert seen["cmd"][1:] == ["dev", "-m", "dagster_project.definitions"]
+    assert seen["env"]["MSIF_CONFIG"] == str(toml.resolve())
+    assert Path(seen["env"]["DAGSTER_HOME"]) == root / "lakehouse" / ".dagster"
+    monkeypatch.setenv("DAGSTER_HOME", seen["env"]["DAGSTER_HOME"])
+    with dg.DagsterInstance.get() as inst:  # how dagster dev and the daemon open DAGSTER_HOME
+        recs = inst.get_event_records(dg.EventRecordsFilter(event_type=dg.DagsterEventType.ASSET_MATERIALIZATION),
+                                      limit=10_000)
+    keys = {r.event_log_entry.asset_materialization.asset_key.to_user_string() for r in recs}
+    assert {"influence_scores", "score_tables", "attribution_report"} <= keys
+    assert sorted(keys) == sorted(set(_materialized(root)))

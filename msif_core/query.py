@@ -14,7 +14,7 @@ per-block preconditioning; per-block scores stay exact for the approximated iHVP
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -257,16 +257,18 @@ def chunk_ihvps(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, met
         hi = min(lo + QUERY_SLICE, n)
         grads = measurement_gradients(model, specs, encoded.subset(range(lo, hi)), batch_size, pad_id)
         for m in methods:
-            part = query_ihvps(grads, specs, m, ft_factors, pt_factors, damping_ft, damping_pt, rank)
-            if m not in out:  # the chunk's tensors, allocated once and filled slice by slice (no concatenation)
-                out[m] = QueryIHVPs(part.method, dict(part.specs), rank=part.rank, manifest=dict(part.manifest))
-                for kind in ("dense", "u", "v"):
-                    getattr(out[m], kind).update({k: x.new_empty((n, *x.shape[1:]))
-                                                  for k, x in getattr(part, kind).items()})
-            for kind in ("dense", "u", "v"):
-                for k, x in getattr(part, kind).items():
-                    getattr(out[m], kind)[k][lo:hi] = x
-            del part
+            def store(kind: str, name: str, x: torch.Tensor, m: str = m, lo: int = lo, hi: int = hi) -> None:
+                # each module's result goes into the chunk's tensor at once (allocated once, no concatenation):
+                # memory holds the chunk and one module's slice, never a second copy of the slice
+                target = getattr(out[m], kind)
+                if name not in target:
+                    target[name] = x.new_empty((n, *x.shape[1:]))
+                target[name][lo:hi] = x
+
+            if m not in out:
+                out[m] = QueryIHVPs(m, {})
+            part = query_ihvps(grads, specs, m, ft_factors, pt_factors, damping_ft, damping_pt, rank, sink=store)
+            out[m].specs, out[m].rank, out[m].manifest = dict(part.specs), part.rank, dict(part.manifest)
         del grads
     return out
 
@@ -274,7 +276,7 @@ def chunk_ihvps(model: nn.Module, specs: list[ModuleSpec], encoded: Encoded, met
 def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], method: str,
                 ft_factors: Factors | None = None, pt_factors: Factors | None = None,
                 damping_ft: float | str = 1e-4, damping_pt: float | str = 1e-4, rank: int = 0,
-                rank_scope: str = "module") -> QueryIHVPs:
+                rank_scope: str = "module", sink: Callable[[str, str, torch.Tensor], None] | None = None) -> QueryIHVPs:
     """Precondition measurement gradients for ``method`` (``ms_if``, ``ss_if`` or ``gdp``); with ``rank > 0``,
     keep rank-r factors of each module (or block) where they take fewer numbers than the exact iHVP, the
     exact iHVP elsewhere.
@@ -282,7 +284,8 @@ def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], meth
     ``ms_if`` needs both factor sets; ``ss_if`` the fine-tune factors. Modules missing from a factor
     set (e.g. a replaced head) are skipped with a log line. ``grads`` from :func:`measurement_gradients`
     are preconditioned from their tokens where that is cheaper (short queries); any mapping of dense
-    [Q, P, d] gradients works too.
+    [Q, P, d] gradients works too. With ``sink``, each module's tensors are handed to
+    ``sink(kind, name, tensor)`` (kind ``dense``, ``u`` or ``v``) as soon as they exist and are not kept.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -333,10 +336,19 @@ def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], meth
                     u = torch.einsum("npk,qnkr->qnpr", qs.to(u.dtype), u)
                     v = torch.matmul(qa.to(v.dtype), v)
                 g = (u.to(out_dtype).contiguous(), v.to(out_dtype).contiguous())  # as a saved copy reads back
+                del u, v
             pieces.append(g)
+            del g
         if low:
-            out.u[s.name] = torch.cat([u for u, _ in pieces]) if len(pieces) > 1 else pieces[0][0]
-            out.v[s.name] = torch.cat([v for _, v in pieces]) if len(pieces) > 1 else pieces[0][1]
+            done = {"u": torch.cat([u for u, _ in pieces]) if len(pieces) > 1 else pieces[0][0],
+                    "v": torch.cat([v for _, v in pieces]) if len(pieces) > 1 else pieces[0][1]}
         else:
-            out.dense[s.name] = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            done = {"dense": torch.cat(pieces) if len(pieces) > 1 else pieces[0]}
+        del pieces
+        for kind, x in done.items():
+            if sink is not None:
+                sink(kind, s.name, x)
+            else:
+                getattr(out, kind)[s.name] = x
+        del done
     return out

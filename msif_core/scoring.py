@@ -154,12 +154,16 @@ def score_documents(model: nn.Module, ihvps: QueryIHVPs, encoded: Encoded, batch
                 c_dense, c_low = _costs(s, t, nq, r_eff, shared, group_rows)
                 use_low = s.name in uv and (strategy == "low_rank" or (strategy == "auto" and c_low < c_dense))
                 if use_low:
-                    u, v = uv[s.name]  # [Q, n, p, r], [Q, n or 1, d, r]
-                    x = torch.einsum("btnp,qnpr->bnqrt", ds.view(b, t, s.n_blocks, s.p), u)
-                    y = (torch.einsum("btd,qdr->bqrt", a, v[:, 0]).unsqueeze(1) if shared  # one V per module
-                         else torch.einsum("btd,qndr->bnqrt", a, v))
                     col = first_col[s.name]
-                    by_block[rows, col:col + s.n_blocks] = (x * y).sum(dim=(-1, -2)).double().cpu()  # [B, n, Q]
+                    dsb = ds.view(b, t, s.n_blocks, s.p)
+                    for lo in range(0, nq, QUERY_SLICE):  # a slice of queries at a time: [B, n, q, r, T] bounded
+                        sl = slice(lo, min(lo + QUERY_SLICE, nq))
+                        u, v = uv[s.name][0][sl], uv[s.name][1][sl]  # [q, n, p, r], [q, n or 1, d, r]
+                        x = torch.einsum("btnp,qnpr->bnqrt", dsb, u)
+                        y = (torch.einsum("btd,qdr->bqrt", a, v[:, 0]).unsqueeze(1) if shared  # one V per module
+                             else torch.einsum("btd,qndr->bnqrt", a, v))
+                        by_block[rows, col:col + s.n_blocks, sl] = (x * y).sum(dim=(-1, -2)).double().cpu()
+                        del x, y
                 else:  # the batch's per-sequence gradients, scored with the group
                     add(s.name, rows, ds, a)
             losses[rows] = cap.per_sequence_loss.double().cpu()

@@ -81,9 +81,9 @@ def _queries(n: int, length: int, seed: int):
 
 def synthetic_factors(specs, seed: int):
     """Factors of the right shapes whose values are not fitted: random orthonormal bases (QR of Gaussian
-    matrices) and Λ uniform in [0.1, 1.1), stored in float32. What attribution costs in memory and time does not depend on the
-    values, and fitting both stages at Pythia-410M's shape takes about an hour on a 2-core CPU (96 float64
-    eigendecompositions of 4096 x 4096); ``--synthetic-factors`` uses these, and rows say so."""
+    matrices) and Λ uniform in [0.1, 1.1), stored in float32. What attribution costs in memory and time does
+    not depend on the values, and fitting both stages at Pythia-410M's shape takes about an hour on a 2-core
+    CPU (96 float64 eigendecompositions of 4096 x 4096); ``--synthetic-factors`` uses these, and rows say so."""
     from msif_core.ekfac import FACTORS_FORMAT, Factors
 
     g = torch.Generator().manual_seed(seed)

@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, MutableMapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -221,7 +222,7 @@ class PassCache:
         self.state = state
 
 
-def _rotate(x: torch.Tensor, qs: torch.Tensor, qa: torch.Tensor, back: bool = False) -> torch.Tensor:
+def rotate(x: torch.Tensor, qs: torch.Tensor, qa: torch.Tensor, back: bool = False) -> torch.Tensor:
     """``Q_Sᵀ X Q_A`` per block of ``x`` [..., blocks, p, d] (``back``: ``Q_S X Q_Aᵀ``), as batched matrix
     products, which BLAS runs faster than the equivalent three-operand einsum."""
     if back:
@@ -247,7 +248,7 @@ def _add_lambda(lam: torch.Tensor, s: ModuleSpec, inputs: tuple[torch.Tensor, ..
     """lam += Σ_n (Q_Sᵀ DW_n Q_A)² over the batch's sequences n (in the bases' dtype: float32 at least)."""
     inputs = tuple(x.to(qa.dtype) for x in inputs)
     if len(inputs) == 1:  # long sequences: rotate each sequence's gradient once
-        g = _rotate(inputs[0].view(-1, s.n_blocks, s.p, s.d), qs, qa)
+        g = rotate(inputs[0].view(-1, s.n_blocks, s.p, s.d), qs, qa)
     else:  # short sequences: rotate each token's a and ds, then sum over tokens
         g = _rotate_tokens(s, inputs[1], inputs[0], qs, qa)
     lam += (g * g).sum(0).to(torch.float64)
@@ -476,7 +477,7 @@ class Factors:
         """
         s = self.specs[name]
         rot, qs, qa = self.in_eigenbasis(name, damping, then, then_damping, grads=v)
-        return _rotate(rot, qs, qa, back=True).reshape(*v.shape[:-2], s.out_features, s.d).to(v.dtype)
+        return rotate(rot, qs, qa, back=True).reshape(*v.shape[:-2], s.out_features, s.d).to(v.dtype)
 
     def precondition_tokens(self, name: str, ds: torch.Tensor, a: torch.Tensor, damping: float | str,
                             route: str = "auto", then: Factors | None = None,
@@ -490,7 +491,7 @@ class Factors:
         """
         s = self.specs[name]
         rot, qs, qa = self.in_eigenbasis(name, damping, then, then_damping, tokens=(ds, a), route=route)
-        return _rotate(rot, qs, qa, back=True).reshape(-1, s.out_features, s.d).to(ds.dtype)
+        return rotate(rot, qs, qa, back=True).reshape(-1, s.out_features, s.d).to(ds.dtype)
 
     def in_eigenbasis(self, name: str, damping: float | str, then: Factors | None = None,
                       then_damping: float | str = 1e-4, grads: torch.Tensor | None = None,
@@ -507,15 +508,14 @@ class Factors:
         if (grads is None) == (tokens is None):
             raise ValueError("give grads or tokens, not both")
         s = self.specs[name]
-        dense_route = route == "dense" or (route == "auto" and _per_sequence_branch(s, tokens[0].shape[1])) \
-            if tokens is not None else False
-        if dense_route:
+        if tokens is not None and (route == "dense" or
+                                   (route == "auto" and _per_sequence_branch(s, tokens[0].shape[1]))):
             grads, tokens = torch.einsum("mtp,mtd->mpd", *tokens), None
         dt = _compute_dtype(grads if tokens is None else tokens[0])
         dev = (grads if tokens is None else tokens[0]).device
         qa, qs = self._bases(name, dev, dt)
         if tokens is None:
-            rot = _rotate(grads.reshape(-1, s.n_blocks, s.p, s.d).to(dt), qs, qa)  # [m, n, p, d]
+            rot = rotate(grads.reshape(-1, s.n_blocks, s.p, s.d).to(dt), qs, qa)  # [m, n, p, d]
         else:
             rot = _rotate_tokens(s, tokens[0].to(dt), tokens[1].to(dt), qs, qa)
         rot.div_(self._damped(name, damping, rot))
@@ -529,7 +529,7 @@ class Factors:
         mine_s, mine_a = self.q_s[name], self.q_a[name]
         cs = (mine_s.transpose(-1, -2) @ then.q_s[name].to(mine_s.device, mine_s.dtype)).to(dev, dt)
         ca = (mine_a.transpose(-1, -2) @ then.q_a[name].to(mine_a.device, mine_a.dtype)).to(dev, dt)
-        rot = _rotate(rot, cs, ca).div_(then._damped(name, then_damping, rot))
+        rot = rotate(rot, cs, ca).div_(then._damped(name, then_damping, rot))
         qa, qs = then._bases(name, dev, dt)
         return rot, qs, qa
 
@@ -769,10 +769,10 @@ def read_json(path: str | Path) -> dict:
         raise UnreadableFileError(f"{path} is unreadable ({e}); it was truncated or altered") from e
 
 
-def read_tensors(path: str | Path, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of a safetensors file and its metadata; FileNotFoundError or an
-    :class:`UnreadableFileError` naming the file when it is missing, truncated or not safetensors."""
+@contextmanager
+def _open_safetensors(path: str | Path, device: str | torch.device = "cpu"):
+    """``safe_open`` of ``path``; FileNotFoundError or an :class:`UnreadableFileError` naming the file when it
+    is missing, truncated or not safetensors (also for errors while reading inside the ``with``)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -780,44 +780,34 @@ def read_tensors(path: str | Path, device: str | torch.device = "cpu",
         raise FileNotFoundError(f"{path} does not exist")
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if dtype is None:
-                return {k: f.get_tensor(k) for k in f.keys()}, meta
-            return {k: f.get_tensor(k).to(dtype) for k in f.keys()}, meta  # one tensor at a time
+            yield f
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UnreadableFileError(f"{path} is unreadable ({e}); it was truncated or altered") from e
+
+
+def read_tensors(path: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file and its metadata (cast one tensor at a time to ``dtype``, if given);
+    errors as :func:`_open_safetensors`."""
+    with _open_safetensors(path, device) as f:
+        meta = f.metadata() or {}
+        return {k: f.get_tensor(k) if dtype is None else f.get_tensor(k).to(dtype) for k in f.keys()}, meta
 
 
 def tensor_keys(path: str | Path) -> set[str]:
-    """The tensor names of a safetensors file (its header only; errors as :func:`read_tensors`)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return set(f.keys())
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise UnreadableFileError(f"{path} is unreadable ({e}); it was truncated or altered") from e
+    """The tensor names of a safetensors file (its header only)."""
+    with _open_safetensors(path) as f:
+        return set(f.keys())
 
 
 def read_tensor(path: str | Path, key: str, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One tensor of a safetensors file (errors as :func:`read_tensors`; a missing key names the file)."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; refit or restore the factors")
-    try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            if key not in f.keys():
-                raise UnreadableFileError(f"{path} has no tensor {key!r}; it was altered or written for other "
-                                          f"modules: refit it")
-            t = f.get_tensor(key)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise UnreadableFileError(f"{path} is unreadable ({e}); it was truncated or altered") from e
+    """One tensor of a safetensors file; a missing key names the file."""
+    with _open_safetensors(path, device) as f:
+        if key not in f.keys():
+            raise UnreadableFileError(f"{path} has no tensor {key!r}; it was altered or written for other "
+                                      f"modules: refit it")
+        t = f.get_tensor(key)
     return t if dtype is None else t.to(dtype)
 
 

@@ -42,8 +42,9 @@ AUTO_SHARE = 0.5
 AUTO_MAX = 64 * GIB
 GROUP_SHARE = 0.125  # of the budget, at most, for the group of candidate gradients scored together
 BATCH_SHARE = 0.25  # of the budget, at most, for one batch of documents' activations and gradients
-RUNTIME_BYTES = int(0.6 * GIB)  # Python, torch and transformers loaded, before any model (measured on CPU)
-ACTIVATION_FACTOR = 2.5  # a batch's activations per token, in units of its captured Σ(P + d) (measured: ~2.3)
+# calibrated with bench/plan_calibration.py (ru_maxrss of one forward+backward, Pythia-160M shape, CPU)
+RUNTIME_BYTES = int(0.6 * GIB)  # measured 0.3 GiB with torch alone; room for transformers, pandas, Dagster
+ACTIVATION_FACTOR = 2.5  # a batch's activations per token, in units of its captured Σ(P + d)
 LOGIT_COPIES = 3  # logits, their log-softmax and its gradient, float32
 PLANNED_SHARE = 0.92  # of the budget the plan fills: the rest for what its estimates miss (allocator, Python)
 
@@ -125,9 +126,11 @@ def vocab_size(model: torch.nn.Module | None) -> int:
 
 
 def compute_itemsize(dtype: torch.dtype) -> int:
-    """Bytes per number of what msif computes and keeps for a model of ``dtype``: half-precision models'
-    iHVPs, gradient groups and factors are float32."""
-    return 8 if dtype == torch.float64 else 4
+    """Bytes per number of what msif computes and keeps for a model of ``dtype``
+    (:func:`msif_core.ekfac.compute_dtype`: float32 for half-precision models)."""
+    from .ekfac import compute_dtype
+
+    return torch.finfo(compute_dtype(dtype)).bits // 8
 
 
 def query_bytes(specs: list[ModuleSpec], rank: int, query_tokens: int, itemsize: int) -> int:
@@ -143,7 +146,7 @@ def query_bytes(specs: list[ModuleSpec], rank: int, query_tokens: int, itemsize:
     return per * itemsize
 
 
-def fixed_bytes(specs: list[ModuleSpec], rank: int, itemsize: int, query_tokens: int = 64) -> int:
+def fixed_bytes(specs: list[ModuleSpec], itemsize: int, query_tokens: int = 64) -> int:
     """Bytes of the query side whatever the chunk size: a slice of queries' measurement gradients (per module
     the smaller of T·(P + d) tokens and P·d), preconditioning temporaries (three of the largest module's P·d
     each) and the factors in use (two modules of each stage, and the product of their bases)."""
@@ -185,7 +188,7 @@ def plan_memory(specs: list[ModuleSpec], queries: int, rank: int = 0, query_toke
     expand = QUERY_SLICE * max(s.out_features * s.d for s in specs) * itemsize if rank else 0
     group = max(batch * row, min(int(budget * GROUP_SHARE), max(queries, 1) * row))
     score_temp = batch * one_doc + (group - batch * row) + expand
-    temp = max(fixed_bytes(specs, rank, itemsize, query_tokens), score_temp)
+    temp = max(fixed_bytes(specs, itemsize, query_tokens), score_temp)
     room = int(budget * PLANNED_SHARE) - resident - temp
     if room < per:
         raise MemoryBudgetError(

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .data import Encoded, iter_batches
-from .ekfac import Factors, _rotate, compute_dtype, read_json, read_tensors, save_tensor_dir
+from .ekfac import Factors, compute_dtype, read_json, read_tensors, rotate, save_tensor_dir
 from .gradients import analysed_grads_only, forward_backward
 from .methods import GRADIENT_METHODS
 from .methods import get as get_method
@@ -327,7 +327,7 @@ def query_ihvps(grads: Mapping[str, torch.Tensor], specs: list[ModuleSpec], meth
                 if low:  # factor R, then rotate the factors: U = Q_S U_R, V = Q_A V_R (no dense rotation back)
                     g, basis = rot.reshape(rot.shape[0], s.out_features, s.d), (qs, qa)
                 else:
-                    g = _rotate(rot, qs, qa, back=True).reshape(-1, s.out_features, s.d).to(out_dtype)
+                    g = rotate(rot, qs, qa, back=True).reshape(-1, s.out_features, s.d).to(out_dtype)
                 del rot
             if low:
                 u, v = low_rank_module(g, s, rank) if rank_scope == "module" else _low_rank(g, s, rank)

@@ -104,7 +104,8 @@ def candidates(step: Step) -> dg.MaterializeResult:
     vecs = step.embedder.encode((q.prompt.astype(str) + q.completion.astype(str)).tolist())
     if k == "all":  # every pair, at its cosine distance (the retriever method ranks by it)
         arrow = tbl.to_arrow()
-        docs = np.asarray(arrow.column("vector").to_pylist(), dtype=np.float64)
+        col = arrow.column("vector").combine_chunks()  # fixed-size lists: one flat buffer, no Python lists
+        docs = col.flatten().to_numpy().reshape(len(col), -1).astype(np.float64)
         df = all_pairs(q.query_id.tolist(), arrow.column("doc_id").to_pylist())
         df["distance"] = cosine_distances(np.asarray(vecs, dtype=np.float64), docs).ravel()
     else:

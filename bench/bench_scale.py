@@ -165,6 +165,7 @@ def one(args) -> dict:
             "factors": "synthetic" if args.synthetic_factors else "fitted",
             "factors_dtype": "float64" if args.factors_float64 else str(cast).replace("torch.", ""),
             "analysed_parameters": sum(s.out_features * s.d for s in specs), "peak_rss_gib": round(peak / 2**30, 3),
+            "peak_after_query_side_gib": round(stats["query_peak_rss"] / 2**30, 3),
             "models_gib": round(2 * sum(p.numel() * p.element_size() for p in pt.parameters()) / 2**30, 3),
             "factors_gib": round(sum(f.n_floats() for f in (ptf, ftf)) * (8 if args.factors_float64 else 4) / 2**30, 3),
             "ihvp_gib": round(plan["queries_per_chunk"] * plan["bytes_per_query"] / 2**30, 3),

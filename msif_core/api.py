@@ -28,7 +28,7 @@ import torch
 from . import methods as registry
 from .data import Encoded, encode_documents
 from .ekfac import Factors, FitSettings, fit_ekfac
-from .memory import retain_freed_memory
+from .memory import peak_rss_bytes, retain_freed_memory
 from .methods import GRADIENT_METHODS, MethodScores
 from .plan import model_bytes, plan_memory, vocab_size
 from .query import chunk_ihvps, query_ihvps
@@ -90,8 +90,9 @@ def gradient_tables(pt: Stage, ft: Stage, qenc: Encoded, query_ids: Sequence[str
     (:mod:`msif_core.plan`): each chunk's iHVPs exist only while it is scored (its measurement gradients
     only while a slice of it is preconditioned), one pass over ``docs`` per chunk and method, in document
     batches of the plan's size. The plan counts both models and the factors as held (lazily read factors,
-    ``Factors.load(lazy=True)``, count a module at a time). ``stats`` receives the plan, the passes and the
-    seconds of the query side and of scoring."""
+    ``Factors.load(lazy=True)``, count a module at a time). ``stats`` receives the plan, the passes, the
+    seconds of the query side and of scoring, and the process's peak resident bytes after the query side of
+    every chunk (``query_peak_rss``) and at the end (``peak_rss``; :func:`msif_core.memory.peak_rss_bytes`)."""
     methods = settings.gradient_methods
     if not methods:
         return {}
@@ -104,6 +105,7 @@ def gradient_tables(pt: Stage, ft: Stage, qenc: Encoded, query_ids: Sequence[str
     log.info(plan.describe())
     parts: dict[str, list[MethodScores]] = {m: [] for m in methods}
     query_s = score_s = 0.0
+    query_peak = 0
     for i, chunk in enumerate(plan.ranges()):
         t0 = time.perf_counter()
         ihvps = chunk_ihvps(ft.model, ft.specs, qenc.subset(chunk), methods, ft_factors, pt_factors,
@@ -111,6 +113,7 @@ def gradient_tables(pt: Stage, ft: Stage, qenc: Encoded, query_ids: Sequence[str
                             settings.batch_size, ft.pad_id)
         t1 = time.perf_counter()
         query_s += t1 - t0
+        query_peak = max(query_peak, peak_rss_bytes())
         for method in methods:
             parts[method].append(registry.score(method, pt, ft, docs, ihvps=ihvps.pop(method),
                                                 batch_size=plan.batch_size, group_mib=plan.group_mib))
@@ -118,7 +121,8 @@ def gradient_tables(pt: Stage, ft: Stage, qenc: Encoded, query_ids: Sequence[str
         if plan.chunks > 1:
             log.info("query chunk %d/%d done", i + 1, plan.chunks)
     if stats is not None:
-        stats.update(plan=plan.as_dict(), passes=plan.chunks * len(methods), query_s=query_s, score_s=score_s)
+        stats.update(plan=plan.as_dict(), passes=plan.chunks * len(methods), query_s=query_s, score_s=score_s,
+                     query_peak_rss=query_peak, peak_rss=peak_rss_bytes())
     out = {}
     for method, res in parts.items():
         joined = MethodScores(*(np.concatenate([getattr(r, f) for r in res], axis=1) for f in ("scores", "mlp", "mha")),

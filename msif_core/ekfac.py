@@ -496,12 +496,17 @@ class Factors:
     def in_eigenbasis(self, name: str, damping: float | str, then: Factors | None = None,
                       then_damping: float | str = 1e-4, grads: torch.Tensor | None = None,
                       tokens: tuple[torch.Tensor, torch.Tensor] | None = None,
-                      route: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      route: str = "auto", power: float = 1.0,
+                      then_power: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The iHVPs of :meth:`precondition` (``grads`` [..., P, d]) or :meth:`precondition_tokens`
         (``tokens`` = (ds, a)) before their last rotation: ``(R, Q_S, Q_A)`` with R [m, blocks, p, d] and
         iHVP = ``Q_S R Q_Aᵀ`` per block, in the eigenbasis of the last factors applied (``then``'s if
         given). Rank-r factors of R rotated by Q_S and Q_A are rank-r factors of the iHVP with the same
         singular values, so a low-rank query side can skip the dense rotation back (:mod:`msif_core.query`).
+
+        ``power`` (and ``then_power``) raise each factor set's damped eigenvalues: the rotated gradient is
+        divided by ``(Λ + λ)^power`` (1: the iHVP; 0.5: the whitened ``Wᵀ G`` with ``P = W Wᵀ`` of the
+        influence index, :mod:`msif_core.index`; 0: the rotated gradient itself).
         """
         if route not in ("auto", "tokens", "dense"):
             raise ValueError(f"route must be auto, tokens or dense, got {route!r}")
@@ -518,7 +523,8 @@ class Factors:
             rot = rotate(grads.reshape(-1, s.n_blocks, s.p, s.d).to(dt), qs, qa)  # [m, n, p, d]
         else:
             rot = _rotate_tokens(s, tokens[0].to(dt), tokens[1].to(dt), qs, qa)
-        rot.div_(self._damped(name, damping, rot))
+        if power:
+            rot.div_(self._damped(name, damping, rot, power))
         if then is None:
             return rot, qs, qa
         if name not in then.specs or then.q_s[name].shape != self.q_s[name].shape \
@@ -529,7 +535,9 @@ class Factors:
         mine_s, mine_a = self.q_s[name], self.q_a[name]
         cs = (mine_s.transpose(-1, -2) @ then.q_s[name].to(mine_s.device, mine_s.dtype)).to(dev, dt)
         ca = (mine_a.transpose(-1, -2) @ then.q_a[name].to(mine_a.device, mine_a.dtype)).to(dev, dt)
-        rot = rotate(rot, cs, ca).div_(then._damped(name, then_damping, rot))
+        rot = rotate(rot, cs, ca)
+        if then_power:
+            rot.div_(then._damped(name, then_damping, rot, then_power))
         qa, qs = then._bases(name, dev, dt)
         return rot, qs, qa
 
@@ -537,9 +545,11 @@ class Factors:
         """(Q_A, Q_S) of module ``name`` on ``device`` in ``dtype``."""
         return self.q_a[name].to(device, dtype), self.q_s[name].to(device, dtype)
 
-    def _damped(self, name: str, damping: float | str, like: torch.Tensor) -> torch.Tensor:
-        """Λ + λ of module ``name`` [blocks, p, d] on the device and in the dtype of ``like`` (Λ is unchanged)."""
-        return (self.lam[name] + self.damping_for(name, damping)[:, None, None]).to(like.device, like.dtype)
+    def _damped(self, name: str, damping: float | str, like: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+        """(Λ + λ)^power of module ``name`` [blocks, p, d] on the device and in the dtype of ``like`` (Λ is
+        unchanged; the power is taken in the factors' own precision)."""
+        damped = self.lam[name] + self.damping_for(name, damping)[:, None, None]
+        return (damped if power == 1.0 else damped.pow(power)).to(like.device, like.dtype)
 
     def check_finite(self) -> None:
         """Raise naming the first module with non-finite or negative Λ."""

@@ -50,6 +50,16 @@ def retain_freed_memory() -> bool:
     return ok
 
 
+def peak_rss_bytes() -> int:
+    """The peak resident memory of this process so far, in bytes (``ru_maxrss``; 0 where unavailable)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 # (limit, usage) files of the process's memory cgroup: v2, then v1
 CGROUP_MEMORY_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))

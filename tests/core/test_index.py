@@ -1,0 +1,133 @@
+"""The influence index against explicit computation: unprojected, ⟨ψ, φ⟩ is MS-IF exactly (whitened and
+plain), in the paper's ⟨P_ft ∇m, P_pt ∇ℓ⟩ form with explicit block inverses; the projection is seeded,
+unbiased and the same for both sides; search is exact top-k; manifests refuse a mismatched index."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers.core import ARCHS, PAD, explicit_precondition, one_thread, rel_err  # noqa: F401  (autouse fixture)
+from helpers.scoring import DAMP_FT, DAMP_PT, world
+
+from msif_core.index import (
+    IndexMismatchError,
+    Projection,
+    check_manifest,
+    document_vectors,
+    index_manifest,
+    index_scores,
+    query_vectors,
+    search,
+    unit_rows,
+)
+from msif_core.query import measurement_gradients
+
+
+def _vectors(w, projection, whiten):
+    grads = measurement_gradients(w.ft, w.specs, w.queries, batch_size=2, pad_id=PAD)
+    psi = query_vectors(grads, w.specs, w.ft_f, w.pt_f, projection, DAMP_FT, DAMP_PT, whiten)
+    dv = document_vectors(w.pt, w.specs, w.docs, w.pt_f, projection, DAMP_PT, whiten, batch_size=3,
+                          pad_id=PAD, out_dtype=torch.float64)
+    return psi, dv.vectors, dv.sq_norms
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("whiten", [True, False])
+def test_unprojected_index_is_exact_ms_if(arch, whiten):
+    """Π = identity: ⟨ψ, φ⟩ = ⟨P_ft ∇m(θ_ft), P_pt ∇ℓ(z; θ_pt)⟩ from explicit block inverses (float64)."""
+    w = world(arch)
+    gm, gz = w.stack(w.grad_m), w.stack(w.grad_pt)
+    want = w.explicit({n: explicit_precondition(w.ft_f, n, gm[n], DAMP_FT) for n in w.names},
+                      {n: explicit_precondition(w.pt_f, n, gz[n], DAMP_PT) for n in w.names})
+    proj = Projection(w.specs, None)
+    assert proj.dimensions == sum(s.out_features * s.d for s in w.specs)
+    psi, phi, sq = _vectors(w, proj, whiten)
+    scores, parts = index_scores(psi, phi, proj)
+    assert scores.shape == (len(w.docs), len(w.queries))
+    assert rel_err(scores, want) < 1e-7  # float64; the square roots of Λ + λ cost a digit on mpt
+    assert rel_err(sum(parts.values()), scores) < 1e-12 and set(parts) <= {"mlp", "mha"}
+    # the pass's exact squared norms: the self-influence ∇ℓᵀ P_pt ∇ℓ (whitened) or ‖∇ℓ‖² (plain)
+    if whiten:
+        want_sq = np.array([sum(float((gz[n][i] * explicit_precondition(w.pt_f, n, gz[n][i], DAMP_PT)).sum())
+                                for n in w.names) for i in range(len(w.docs))])
+    else:
+        want_sq = np.array([sum(float((gz[n][i] ** 2).sum()) for n in w.names) for i in range(len(w.docs))])
+    assert rel_err(sq, want_sq) < 1e-8 and rel_err((phi * phi).sum(1), want_sq) < 1e-8
+
+
+def test_projection_is_seeded_unbiased_and_sized():
+    w = world("gpt_neox")
+    total = sum(s.out_features * s.d for s in w.specs)
+    a, b = Projection(w.specs, 500, seed=3), Projection(w.specs, 500, seed=3)
+    assert 0.5 * 500 < a.dimensions < 1.5 * 500 < total
+    name = w.specs[0].name
+    assert all(torch.equal(x, y) for x, y in zip(a.matrices(name, "cpu", torch.float64),
+                                                  b.matrices(name, "cpu", torch.float64)))
+    c = Projection(w.specs, 500, seed=4)
+    assert not torch.equal(a.matrices(name, "cpu", torch.float64)[0], c.matrices(name, "cpu", torch.float64)[0])
+    assert a.manifest() == b.manifest() and a.manifest() != c.manifest()
+    # E[⟨Πx, Πy⟩] = ⟨x, y⟩: the mean over seeds of projected inner products approaches the exact one
+    s = w.specs[0]
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(1, s.n_blocks, s.p, s.d, generator=g, dtype=torch.float64) for _ in range(2))
+    y = 0.7 * x + 0.3 * y  # correlated, so the inner product is far from zero
+    exact = float((x * y).sum())
+    est = [float((p.apply(s.name, x) * p.apply(s.name, y)).sum())
+           for p in (Projection([s], 20, seed=k) for k in range(400))]
+    assert abs(np.mean(est) - exact) < 4 * np.std(est) / np.sqrt(len(est))
+    assert np.std(est) > 0.01 * abs(exact)  # the projection does lose something at 20 numbers
+
+
+def test_more_dimensions_follow_exact_ms_if_more_closely():
+    """The projected scores' error (relative Frobenius, mean over seeds) falls as the dimensions grow; at
+    all the parameters the index is exact again. (How well it ranks at realistic sizes is measured on the
+    demo world: bench/index_quality.py.)"""
+    w = world("gpt_neox")
+    psi0, phi0, _ = _vectors(w, Projection(w.specs, None), True)
+    exact = phi0 @ psi0.T
+
+    def err(k: int) -> float:
+        out = []
+        for seed in range(3):
+            psi, phi, _ = _vectors(w, Projection(w.specs, k, seed=seed), True)
+            out.append(np.linalg.norm(phi @ psi.T - exact) / np.linalg.norm(exact))
+        return float(np.mean(out))
+
+    small, large = err(64), err(1024)
+    assert large < 0.7 * small
+    total = sum(s.out_features * s.d for s in w.specs)
+    psi, phi, _ = _vectors(w, Projection(w.specs, total, seed=5), True)
+    assert rel_err(phi @ psi.T, exact) < 1e-10
+
+
+def test_search_is_exact_top_k_in_any_number_of_steps():
+    rng = np.random.default_rng(0)
+    docs, queries = rng.standard_normal((1000, 16)), rng.standard_normal((7, 16))
+    full = queries @ docs.T
+    want = np.argsort(-full, axis=1)[:, :10]
+    for step in (64, 333, 100_000):
+        idx, sc = search(queries, docs, 10, rows_per_step=step)
+        assert np.array_equal(idx, want), step
+        assert np.allclose(sc, np.take_along_axis(full, want, 1), rtol=1e-5)
+    idx, _ = search(queries, docs[:4], 10)
+    assert idx.shape == (7, 4)
+    u = unit_rows(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    assert np.allclose(u, [[0.6, 0.8], [0.0, 0.0]])
+    assert np.allclose(unit_rows(np.array([[3.0, 4.0]]), np.array([100.0])), [[0.3, 0.4]])
+
+
+def test_a_mismatched_index_is_refused_by_name():
+    w = world("gpt_neox")
+    proj = Projection(w.specs, 256, seed=0)
+    built = index_manifest(w.pt_f, proj, DAMP_PT, whiten=True)
+    check_manifest(built, index_manifest(w.pt_f, Projection(w.specs, 256, seed=0), DAMP_PT, True), "shard 0")
+    for other, field in ((index_manifest(w.pt_f, Projection(w.specs, 256, seed=1), DAMP_PT, True), "seed"),
+                         (index_manifest(w.pt_f, Projection(w.specs, 512, seed=0), DAMP_PT, True), "dimensions"),
+                         (index_manifest(w.pt_f, proj, 1e-2, True), "damping_pt"),
+                         (index_manifest(w.ft_f, proj, DAMP_PT, True), "pretrained"),
+                         (index_manifest(w.pt_f, proj, DAMP_PT, False), "whiten")):
+        with pytest.raises(IndexMismatchError, match=f"shard 0 .*{field}"):
+            check_manifest(built, other, "shard 0")
+    # the plain index does not depend on the pre-train damping
+    check_manifest(index_manifest(w.pt_f, proj, DAMP_PT, False), index_manifest(w.pt_f, proj, 1e-2, False), "x")

@@ -38,7 +38,7 @@ from rows import emit  # noqa: E402
 from msif_core.api import AttributionSettings, encode_queries, fit_stage_factors, load_stages  # noqa: E402
 from msif_core.data import encode_documents, iter_batches  # noqa: E402
 from msif_core.gradients import analysed_grads_only, forward_backward  # noqa: E402
-from msif_core.index import Projection, document_vectors, query_vectors, unit_rows  # noqa: E402
+from msif_core.index import Projection, document_vectors, query_vectors  # noqa: E402
 from msif_core.metrics import evaluate_rankings  # noqa: E402
 from msif_core.query import measurement_gradients, query_ihvps  # noqa: E402
 from msif_core.scoring import score_documents  # noqa: E402
@@ -55,6 +55,14 @@ def spearman_per_query(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (ra * rb).sum(0) / np.sqrt((ra * ra).sum(0) * (rb * rb).sum(0))
 
 
+def products(docs: np.ndarray, queries: np.ndarray, step: int = 32768) -> np.ndarray:
+    """docs @ queries.T in float64, a block of columns at a time (unprojected vectors are wide)."""
+    out = np.zeros((docs.shape[0], queries.shape[0]))
+    for lo in range(0, docs.shape[1], step):
+        out += docs[:, lo:lo + step].astype(np.float64) @ queries[:, lo:lo + step].astype(np.float64).T
+    return out
+
+
 def reranked(index: np.ndarray, exact: np.ndarray, top: int) -> np.ndarray:
     """Exact scores on each query's top ``top`` documents by ``index``, −inf elsewhere."""
     out = np.full_like(exact, -np.inf)
@@ -69,7 +77,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world", default="lakehouse/demo", help="a built demo world (built if missing)")
     ap.add_argument("--queries", type=int, default=300)
-    ap.add_argument("--dimensions", default="1024,4096,16384,65536")
+    ap.add_argument("--dimensions", default="1024,4096,16384,65536,all",
+                    help="numbers of dimensions; 'all': unprojected (exact; also gives the diagnostics)")
     ap.add_argument("--seeds", default="0", help="projection seeds (rows per seed)")
     ap.add_argument("--damping", type=float, default=1e-4, help="λ of both stages (the experiment default)")
     ap.add_argument("--rerank", type=int, default=100, help="index top-N reranked by exact MS-IF")
@@ -114,8 +123,8 @@ def main() -> None:
                 damping=lam, exact_ms_if_s=round(exact_s, 1), plain_pass_s=round(plain_s, 2))
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        for k in (int(x) for x in args.dimensions.split(",")):
-            proj = Projection(specs, k, seed=seed)
+        for k in args.dimensions.split(","):
+            proj = Projection(specs, None if k == "all" else int(k), seed=seed)
             for whiten in (True, False):
                 t = time.perf_counter()
                 dv = document_vectors(pt.model, specs, docs, pt_f, proj, lam, whiten, settings.batch_size,
@@ -126,12 +135,20 @@ def main() -> None:
                 psi = query_vectors(grads, specs, ft_f, pt_f, proj, lam, lam, whiten)
                 query_s = time.perf_counter() - t
                 for cosine in ("dot", "cosine", "cosine-exact-norm"):
-                    rows_ = {"dot": phi, "cosine": unit_rows(phi), "cosine-exact-norm": unit_rows(phi, dv.sq_norms)}
-                    sc = rows_[cosine].astype(np.float64) @ psi.astype(np.float64).T
+                    sc = products(phi, psi)  # cosine: each document's row divided by its norm
+                    if cosine != "dot":
+                        norms = np.linalg.norm(phi, axis=1) if cosine == "cosine" else np.sqrt(dv.sq_norms)
+                        sc /= np.where(norms > 0, norms, 1.0)[:, None]
                     name = f"index k={proj.dimensions} {'whitened' if whiten else 'plain'} {cosine} seed={seed}"
                     methods[name] = sc
                     methods[name + f" +rerank{args.rerank}"] = reranked(sc, exact, args.rerank)
                     rho = spearman_per_query(sc, exact)
+                    if k == "all" and cosine == "dot" and whiten:  # how spread out the scores are
+                        cos = sc / np.sqrt(dv.sq_norms)[:, None] / np.linalg.norm(psi, axis=1)[None]
+                        e = np.mean(phi * phi, axis=0, dtype=np.float64)
+                        base |= {"median_abs_cosine": float(np.median(np.abs(cos))),
+                                 "max_abs_cosine": float(np.abs(cos).max()),
+                                 "participation_ratio_documents": float(e.sum() ** 2 / (e ** 2).sum())}
                     rows.append(dict(base, method=name, dimensions=proj.dimensions, requested=k, seed=seed,
                                      whiten=whiten, score=cosine, median_spearman=round(float(np.median(rho)), 4),
                                      q10_spearman=round(float(np.quantile(rho, 0.1)), 4),
@@ -147,9 +164,7 @@ def main() -> None:
         emit(row, args.out)
     cols = ["dimensions", "whiten", "score", "median_spearman", "mrr", "recall_at_10", "mrr_rerank", "build_vs_plain"]
     print(pd.DataFrame(rows)[cols].to_markdown(index=False, floatfmt=".3f"))
-    print(json.dumps({k: base[k] for k in ("documents", "queries", "analysed_parameters", "exact_ms_if_s",
-                                           "plain_pass_s")} | {"exact_mrr": rows[0]["exact_mrr"],
-                                                               "exact_recall_at_10": rows[0]["exact_recall_at_10"]}))
+    print(json.dumps({k: v for k, v in rows[-1].items() if k in base or k.startswith("exact")}))
 
 
 if __name__ == "__main__":

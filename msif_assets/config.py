@@ -43,6 +43,12 @@ Example (every key but the paths shows its default)::
     candidates = 100                # nearest documents per query and shard, or "all"
     query_rank = 0                  # 0 exact; r > 0 rank-r query iHVPs (of each module)
     # memory_gib = 8                # memory budget of the process, models included; default: half the memory available
+
+    [index]                         # the pre-training influence index (msif_core.index); off by default
+    dimensions = 0                  # numbers per index vector; 0: no index
+    whiten = true                   # (Λ+λ)^(-1/2) on both sides; false: all of P_pt on the query side
+    seed = 0                        # of the random projection
+    keep = 100                      # documents per query and shard kept as method ms_if_index
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 from msif_core.methods import ALL_METHODS
-from msif_core.settings import FactorSettings, ScoreSettings, setting
+from msif_core.settings import FactorSettings, IndexSettings, ScoreSettings, setting
 
 ENV_VAR = "MSIF_CONFIG"
 _OMITTED_WHEN_EMPTY = ("factors.module_tags",)  # settings added later: absent from as_dict/digest when empty
@@ -87,6 +93,7 @@ class ExperimentConfig:
     shard_size: int = 10_000
     factors: FactorSettings = field(default_factory=FactorSettings)
     scores: PipelineScoreSettings = field(default_factory=PipelineScoreSettings)
+    index: IndexSettings = field(default_factory=IndexSettings)
     source: Path | None = None  # the TOML file, None for the demo
     is_demo: bool = False
 
@@ -116,6 +123,7 @@ class ExperimentConfig:
         out |= {f"factors.{k}": v for k, v in asdict(self.factors).items()
                 if f"factors.{k}" not in _OMITTED_WHEN_EMPTY or v}
         out |= {f"scores.{k}": (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.scores).items()}
+        out |= {f"index.{k}": v for k, v in asdict(self.index).items()}
         return out
 
     def has_ground_truth(self) -> bool:
@@ -130,9 +138,9 @@ _STR, _INT, _NUM_OR_STR, _INT_OR_STR, _STR_LIST = "a string", "an integer", "a n
 _TAGS = 'a table of "module name" = "mlp" | "mha"'
 
 
-_NUM = "a number"
-_KINDS = {"str": _STR, "int": _INT, "float | None": _NUM, "float | str": _NUM_OR_STR, "int | str": _INT_OR_STR,
-          "tuple[str, ...]": _STR_LIST, "tuple[tuple[str, str], ...]": _TAGS}
+_NUM, _BOOL = "a number", "true or false"
+_KINDS = {"str": _STR, "int": _INT, "bool": _BOOL, "float | None": _NUM, "float | str": _NUM_OR_STR,
+          "int | str": _INT_OR_STR, "tuple[str, ...]": _STR_LIST, "tuple[tuple[str, str], ...]": _TAGS}
 
 
 def _section(cls: type) -> dict[str, tuple[str, Any]]:
@@ -162,11 +170,12 @@ _SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
              "shard_size": (_INT, 10_000)},
     "factors": _section(FactorSettings),
     "scores": _section(PipelineScoreSettings),
+    "index": _section(IndexSettings),
 }
 _REQUIRED = {("lakehouse", "root"), ("models", "pretrained"), ("models", "finetuned"),
              ("data", "pretraining_corpus"), ("data", "finetuning_data"), ("data", "queries")}
 _CHOICES, _MINIMUM = {}, {("data", "shard_size"): 1}
-for _sec, _cls in (("factors", FactorSettings), ("scores", PipelineScoreSettings)):
+for _sec, _cls in (("factors", FactorSettings), ("scores", PipelineScoreSettings), ("index", IndexSettings)):
     _c, _m = _field_rules(_sec, _cls)
     _CHOICES |= _c
     _MINIMUM |= _m
@@ -177,6 +186,7 @@ def _type_ok(kind: str, v: Any) -> bool:
     return {
         _STR: isinstance(v, str),
         _INT: is_int,
+        _BOOL: isinstance(v, bool),
         _NUM: is_int or isinstance(v, float),
         _NUM_OR_STR: is_int or isinstance(v, (float, str)) and not isinstance(v, bool),
         _INT_OR_STR: is_int or isinstance(v, str),
@@ -288,7 +298,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     methods = get("scores", "methods")
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
-        errors.append(f"[scores] methods: unknown {bad} (known: {list(ALL_METHODS)})")
+        hint = " (ms_if_index is added by [index] dimensions > 0, not listed here)" if "ms_if_index" in bad else ""
+        errors.append(f"[scores] methods: unknown {bad} (known: {list(ALL_METHODS)}){hint}")
     if not methods:
         errors.append("[scores] methods must name at least one method")
     if len(set(methods)) != len(methods):
@@ -325,6 +336,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
                                      damping_finetune=damping["damping_finetune"], candidates=cand,
                                      query_rank=get("scores", "query_rank"),
                                      memory_gib=None if mem is None else float(mem)),
+        index=IndexSettings(**{k: get("index", k) for k in _SCHEMA["index"]}),
         source=source, is_demo=is_demo)
     if check_files:
         check_inputs(cfg)

@@ -50,6 +50,20 @@ class Layout:
         """LanceDB table name of shard ``key``."""
         return f"corpus_embeddings_{key}"
 
+    @staticmethod
+    def index_table(key: str) -> str:
+        """LanceDB table name of shard ``key``'s influence index vectors."""
+        return f"influence_index_{key}"
+
+    def index_manifest(self, key: str) -> Path:
+        """What shard ``key``'s influence index was built for (:func:`msif_core.index.index_manifest`)."""
+        return self.root / "index" / f"{key}.json"
+
+    @property
+    def query_vectors(self) -> Path:
+        """The queries' index vectors ψ (``query_vectors``: .npy, with a .json of ids and manifest)."""
+        return self.root / "index" / "query_vectors.npy"
+
     def covariance_sums(self, key: str) -> Path:
         """Partial covariance sums of one pre-training shard."""
         return self.root / "factors" / "pretrain_partial" / f"covariance_{key}.safetensors"
@@ -88,8 +102,9 @@ class Layout:
         return self.root / "msif.duckdb"
 
     def remove_shard(self, key: str) -> None:
-        """Delete every file of a shard that left the corpus (its tables, partial sums, embeddings)."""
+        """Delete every file of a shard that left the corpus (its tables, partial sums, embeddings, index)."""
         for p in (self.documents(key), self.candidates(key), self.scores(key), self.covariance_sums(key),
-                  self.lambda_sums(key)):
+                  self.lambda_sums(key), self.index_manifest(key)):
             p.unlink(missing_ok=True)
-        shutil.rmtree(self.lancedb / f"{self.embedding_table(key)}.lance", ignore_errors=True)
+        for table in (self.embedding_table(key), self.index_table(key)):
+            shutil.rmtree(self.lancedb / f"{table}.lance", ignore_errors=True)

@@ -55,23 +55,29 @@ class LakehouseResource(dg.ConfigurableResource):
 
     def write_embeddings(self, key: str, table) -> str:
         """Store shard ``key``'s embedding table (doc_id, shard, vector) in LanceDB, replacing it; its URI."""
-        import lancedb
-
-        lancedb.connect(str(self.layout.lancedb)).create_table(self.layout.embedding_table(key), table,
-                                                                mode="overwrite")
-        return f"{self.layout.lancedb}/{self.layout.embedding_table(key)}"
+        return self.write_lance(self.layout.embedding_table(key), table)
 
     def embeddings(self, key: str, fix: str):
         """Shard ``key``'s LanceDB embedding table; a CorruptTableError naming it and ``fix`` if unreadable."""
+        return self.open_lance(self.layout.embedding_table(key), f"candidates {key}", fix)
+
+    def write_lance(self, name: str, table) -> str:
+        """Store an Arrow table as LanceDB table ``name``, replacing it; its URI."""
+        import lancedb
+
+        lancedb.connect(str(self.layout.lancedb)).create_table(name, table, mode="overwrite")
+        return f"{self.layout.lancedb}/{name}"
+
+    def open_lance(self, name: str, what: str, fix: str):
+        """LanceDB table ``name``; a CorruptTableError saying ``what`` needed it, naming it and ``fix``."""
         import lancedb
 
         from .io import CorruptTableError
 
-        name = self.layout.embedding_table(key)
         try:
             return lancedb.connect(str(self.layout.lancedb)).open_table(name)
         except (ValueError, FileNotFoundError, OSError) as e:
-            raise CorruptTableError(f"candidates {key}: no LanceDB table {name} in {self.layout.lancedb} ({e}). "
+            raise CorruptTableError(f"{what}: no LanceDB table {name} in {self.layout.lancedb} ({e}). "
                                     f"Fix: {fix}") from e
 
 

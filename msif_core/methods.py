@@ -8,6 +8,8 @@
 ``bm25``      BM25 of the query text (prompt + completion) against each document's words
 ``retriever`` the candidate retriever's own ranking: cosine similarity of sentence embeddings of the
               query text and the document (the pipeline's LanceDB search; whether a rerank helps)
+``ms_if_index`` MS-IF from the pre-training influence index, ⟨ψ(x), φ(z)⟩ of projected whitened
+              gradients (:mod:`msif_core.index`); the pipeline adds it when ``[index] dimensions > 0``
 ============  =========================================================================================
 
 Everything that asks "does this method need X" asks :data:`METHODS`; :func:`score` is the one place a
@@ -49,8 +51,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("bm25", "BM25 word overlap of query and document", False, False, False, ""),
     Method("retriever", "the candidate retriever's embedding similarity (what the influence methods rerank)",
            False, False, False, ""),
+    Method("ms_if_index", "MS-IF from the pre-training influence index (random projection)", False, True, True,
+           "pretrained", True),
 )}
-ALL_METHODS: tuple[str, ...] = tuple(METHODS)
+INDEX_METHODS: tuple[str, ...] = ("ms_if_index",)  # scored by the pipeline from its index, not by score()
+ALL_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in INDEX_METHODS)  # what [scores] methods takes
 GRADIENT_METHODS: tuple[str, ...] = tuple(m for m, d in METHODS.items() if d.gradient)
 
 
@@ -136,6 +141,9 @@ def score(method: str, pt: Stage, ft: Stage, documents: Encoded, *, ihvps: Query
                              "pipeline's candidates table holds; pass similarities= (the one-call API has no "
                              "retriever: score with the pipeline, or leave 'retriever' out of methods)")
         return MethodScores(np.asarray(similarities, dtype=np.float64))
+    if method in INDEX_METHODS:
+        raise ValueError(f"{method} is scored from the influence index (msif_core.index.index_scores); the "
+                         "pipeline adds it when [index] dimensions > 0")
     raise ValueError(f"no scorer for method {method!r}")  # pragma: no cover - every registered method has one
 
 

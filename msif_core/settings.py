@@ -2,7 +2,8 @@
 
 - :class:`FactorSettings` — how the EK-FAC factors of both stages are fitted (``[factors]`` of an
   experiment file);
-- :class:`ScoreSettings` — which methods score, with which damping and query rank (``[scores]``).
+- :class:`ScoreSettings` — which methods score, with which damping and query rank (``[scores]``);
+- :class:`IndexSettings` — the pre-training influence index (``[index]``, :mod:`msif_core.index`).
 
 The experiment file is validated from these fields (``msif_assets.config``), the API's
 :class:`msif_core.api.AttributionSettings` is made of them, and the pipeline's code versions hash them by
@@ -75,6 +76,24 @@ class ScoreSettings:
     def needs_pretrain_factors(self) -> bool:
         """Whether a configured method preconditions with the pre-trained model's EK-FAC."""
         return needs_pretrain_factors(self.methods)
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """``[index]``: the pre-training influence index (:mod:`msif_core.index`): MS-IF's document side built
+    once per pre-trained model, so a new fine-tune or new queries need no pass over the corpus."""
+
+    dimensions: int = setting(0, "numbers per index vector (a seeded random projection of the whitened "
+                                 "gradients); 0: no index", minimum=0)
+    whiten: bool = setting(True, "split P_pt between both sides, (Λ+λ)^(-1/2) each (true), or keep all of "
+                                 "it on the query side (false; the index then does not depend on λ_pt)")
+    seed: int = setting(0, "seed of the random projection (documents and queries share it)", minimum=0)
+    keep: int = setting(100, "documents per query and shard kept as method ms_if_index", minimum=1)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether an index is built."""
+        return self.dimensions > 0
 
 
 def default_of(cls: type, name: str) -> Any:

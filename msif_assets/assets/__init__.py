@@ -9,6 +9,9 @@ shard)::
     queries, finetuned_checkpoint ────────────────────────────┴→ query_ihvps ───────────────────┤   queries
                                                                         influence_scores[s] ←──┘   scores
                                  → score_tables (msif.duckdb) → attribution_report, attribution_quality   reports
+    with [index] dimensions > 0 (msif_core.index; never rebuilt by a new fine-tune):
+    corpus_shards[s], pretrained_checkpoint, pretrain_factors → influence_index[s] ──→ influence_scores[s]  index
+    queries, finetuned_checkpoint, both factor sets → query_vectors ─────────────────→ influence_scores[s]
 
 Each asset's ``code_version`` is a hash of the settings it declares; each carries an automation
 condition: eager (re-materialise when an upstream asset updates or a partition is added) minus the
@@ -22,7 +25,7 @@ import dagster as dg
 
 from ..config import ExperimentConfig
 from ..sources import SOURCE_KEYS
-from . import corpus, finetune, pretrain, queries, reports, scores
+from . import corpus, finetune, index, pretrain, queries, reports, scores
 from .base import (
     Deps,
     Node,
@@ -35,8 +38,8 @@ from .base import (
 from .base import dependency_table as _dependency_table
 from .scores import SCORES_SCHEMA, score_shard
 
-NODES: tuple[Node, ...] = (*corpus.NODES, *pretrain.NODES, *finetune.NODES, *queries.NODES, *scores.NODES,
-                           *reports.NODES)
+NODES: tuple[Node, ...] = (*corpus.NODES, *pretrain.NODES, *finetune.NODES, *queries.NODES, *index.NODES,
+                           *scores.NODES, *reports.NODES)
 SOURCES = tuple(k.path[0] for k in SOURCE_KEYS)
 
 

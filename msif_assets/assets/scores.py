@@ -104,13 +104,22 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
             frames.append(long.merge(cands[["query_id", "doc_id", "distance"]], on=["query_id", "doc_id"],
                                      how="inner"))
         md[f"seconds/{m}"] = round(t.seconds, 3)
+    if cfg.index.enabled:  # every document of the shard by ⟨ψ, φ⟩, each query's top [index] keep
+        from .index import index_rows
+
+        t = Timer()
+        rows = index_rows(step, key, pt.specs)
+        rows = rows[rows.query_id.isin(set(scored_q.query_id))]
+        frames.append(rows.merge(cands[["query_id", "doc_id", "distance"]], on=["query_id", "doc_id"], how="left"))
+        md["index_pairs/ms_if_index"] = len(rows)
+        md["seconds/ms_if_index"] = round(t.seconds, 3)
     if not frames:  # no candidate pair in this shard: an empty table of the same columns
         frames = [long_table(np.zeros((0, 0)), [], [], "", None, None).assign(distance=np.nan)]
     table = pd.concat(frames, ignore_index=True).rename(columns={"distance": "candidate_distance"})
     table = with_rank(table, "shard_rank")
     table["shard"] = key
     damping = {m: registry.damping_columns(m, cfg.scores.damping_pretrain, cfg.scores.damping_finetune)
-               for m in cfg.scores.methods}
+               for m in (*cfg.scores.methods, *(registry.INDEX_METHODS if cfg.index.enabled else ()))}
     for col in ("damping_pretrain", "damping_finetune"):
         applies = [m for m, d in damping.items() if d[col] is not None]
         value = damping[applies[0]][col] if applies else None
@@ -122,8 +131,12 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
 @asset("influence_scores", "scores",
        lambda cfg, _: f"Scores of every candidate document of this shard for every query, methods "
        f"{list(cfg.scores.methods)} (positive = supports the completion; shard_rank 1 = most supporting in the "
-       "shard).", deps=["candidates", "corpus_shards", "query_ihvps", "pretrained_checkpoint", "finetuned_checkpoint"],
+       "shard)" + (f"; ms_if_index: each query's top {cfg.index.keep} by the influence index" if cfg.index.enabled
+                   else "") + ".",
+       deps=["candidates", "corpus_shards", "query_ihvps", "pretrained_checkpoint", "finetuned_checkpoint",
+             "influence_index", "query_vectors"],
        settings=["scores.methods", "factors.max_length", "scores.damping_pretrain", "scores.damping_finetune"],
+       version_extra=lambda cfg, _: f"index keep={cfg.index.keep}" if cfg.index.enabled else "",
        partitions=CORPUS_PARTITIONS, kinds=["pytorch", "parquet"], heavy=True, resources=["lakehouse", "device"],
        outputs=lambda lay, k, _: [lay.scores(k)])
 def influence_scores(step: Step) -> dg.MaterializeResult:

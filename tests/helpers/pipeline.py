@@ -77,8 +77,10 @@ def perturb_checkpoint(src: Path, dst: Path, seed: int, scale: float = 0.02) -> 
 
 
 def build_world(root: Path, n_docs: int = 40, shard_size: int = 16, candidates: int | str = 6,
-                methods: tuple[str, ...] = ("ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever")) -> Path:
-    """Write the world under ``root`` and return the path of its experiment TOML file."""
+                methods: tuple[str, ...] = ("ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever"),
+                extra_toml: str = "") -> Path:
+    """Write the world under ``root`` and return the path of its experiment TOML file (``extra_toml``:
+    more sections, e.g. ``[index]``)."""
     docs = corpus_rows(n_docs)
     extra = [f"{n} was born in {c} ." for n in NAMES for c in CITIES] + [f"{n} works as a {j} ." for n in NAMES
                                                                         for j in JOBS]
@@ -121,7 +123,7 @@ methods = {json.dumps(list(methods))}
 damping_pretrain = 1e-3
 damping_finetune = "relative:0.1"
 candidates = {cand}
-"""
+{extra_toml}"""
     path = root / "experiment.toml"
     path.write_text(toml)
     return path

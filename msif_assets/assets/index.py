@@ -1,0 +1,203 @@
+"""The pre-training influence index (``[index] dimensions > 0``; :mod:`msif_core.index`):
+
+    corpus_shards[s], pretrained_checkpoint, pretrain_factors → influence_index[s]        (LanceDB)
+    queries, finetuned_checkpoint, pretrain_factors, finetune_factors → query_vectors      (.npy)
+
+``influence_index[s]`` holds each document's φ(z) = Π Wᵀ ∇ℓ(z; θ_pt) and depends on nothing of the
+fine-tuned side, so a new fine-tuned checkpoint or new queries never rebuild it; ``query_vectors`` holds
+each query's ψ(x). ``influence_scores[s]`` scores every document of its shard by ⟨ψ, φ⟩ and keeps each
+query's top ``[index] keep`` as method ``ms_if_index``. Both files carry the manifest of the pre-trained
+model, factors, projection and damping they were made with; scoring refuses a pair that disagrees.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from ..io import CorruptTableError, write_text_atomic
+from ..sources import CORPUS_PARTITIONS
+from .base import FACTOR_SETTINGS, Step, Timer, asset, fix
+from .corpus import read_documents
+
+INDEX_SETTINGS = ("index.dimensions", "index.whiten", "index.seed")
+
+
+def _enabled(cfg) -> bool:
+    return cfg.index.enabled
+
+
+def _damping_version(cfg, _) -> str:
+    """The pre-train damping enters the index only when it is whitened."""
+    return f"damping_pt={cfg.scores.damping_pretrain}" if cfg.index.whiten else "plain"
+
+
+def _pretrain_side(step: Step, pt):
+    """The pre-train factors (lazily read, checked against θ_pt), the projection and the manifest."""
+    import torch
+
+    from msif_core.ekfac import Factors
+    from msif_core.index import Projection, index_manifest
+    from msif_core.models import fingerprint
+
+    dtype = next(pt.model.parameters()).dtype
+    cast = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    ptf = Factors.load(step.layout.pretrain_factors, expect_fingerprint=fingerprint(pt.model, pt.specs), dtype=cast,
+                       lazy=True)
+    specs = [s for s in pt.specs if s.name in ptf.specs]
+    proj = Projection(specs, step.cfg.index.dimensions, seed=step.cfg.index.seed)
+    return ptf, specs, proj, index_manifest(ptf, proj, step.cfg.scores.damping_pretrain, step.cfg.index.whiten)
+
+
+@asset("influence_index", "index",
+       lambda cfg, _: f"Each document's influence index vector φ = Π Wᵀ ∇ℓ(z; θ_pt), {cfg.index.dimensions} "
+       f"numbers ({'whitened' if cfg.index.whiten else 'plain'}, seed {cfg.index.seed}), in LanceDB: built once "
+       "per pre-trained model, never by a new fine-tune.",
+       deps=["corpus_shards", "pretrained_checkpoint", "pretrain_factors"],
+       settings=[*INDEX_SETTINGS, *FACTOR_SETTINGS], version_extra=_damping_version, partitions=CORPUS_PARTITIONS,
+       kinds=["pytorch", "lancedb"], heavy=True, resources=["lakehouse", "device"], when=_enabled,
+       outputs=lambda lay, k, _: [lay.lancedb / f"{lay.index_table(k)}.lance", lay.index_manifest(k)])
+def influence_index(step: Step) -> dg.MaterializeResult:
+    """One shard's index vectors (doc_id, vector, sq_norm = ∇ℓᵀ P_pt ∇ℓ when whitened, loss) and manifest."""
+    import pyarrow as pa
+
+    from msif_core.data import encode_documents
+    from msif_core.index import document_vectors
+
+    key, cfg, layout = step.key, step.cfg, step.layout
+    docs = read_documents(step, key)
+    pt, _ = step.stages()
+    ptf, specs, proj, manifest = _pretrain_side(step, pt)
+    enc = encode_documents(pt.loaded.tokenizer, docs.text.tolist(), cfg.factors.max_length)
+    kept = docs.iloc[enc.kept].reset_index(drop=True)
+    t = Timer()
+    dv = document_vectors(pt.model, specs, enc, ptf, proj, cfg.scores.damping_pretrain, cfg.index.whiten,
+                          cfg.factors.batch_size, pt.pad_id)
+    secs = t.seconds
+    k = proj.dimensions
+    table = pa.table({"doc_id": pa.array(kept.doc_id.astype(str)),
+                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(dv.vectors.reshape(-1)), k),
+                      "sq_norm": pa.array(dv.sq_norms), "loss": pa.array(dv.losses)})
+    (layout.index_manifest(key)).unlink(missing_ok=True)  # no manifest until the vectors are complete
+    uri = step.lakehouse.write_lance(layout.index_table(key), table)
+    write_text_atomic(json.dumps(manifest | {"documents": len(kept)}, indent=1), layout.index_manifest(key))
+    step.log.info(f"{key}: index vectors of {len(kept)} documents, {k} numbers each, in {secs:.1f}s "
+                  f"({len(kept) / max(secs, 1e-9):.1f} docs/s)")
+    return dg.MaterializeResult(metadata={
+        "documents": len(kept), "dagster/row_count": len(kept), "dropped_documents": len(docs) - len(kept),
+        "dimensions": k, "whiten": cfg.index.whiten, "seed": cfg.index.seed, "seconds": round(secs, 3),
+        "documents_per_second": round(len(kept) / max(secs, 1e-9), 2), "table": uri,
+        "mib": round(dv.vectors.nbytes / 2**20, 2)})
+
+
+@asset("query_vectors", "queries",
+       "Each query's influence index vector ψ = Π Wᵀ P_ft ∇m(x; θ_ft) (measurement gradients on the fine-tuned "
+       "model, preconditioned by P_ft, whitened and projected like the documents).",
+       deps=["queries", "finetuned_checkpoint", "pretrain_factors", "finetune_factors"],
+       settings=[*INDEX_SETTINGS, *FACTOR_SETTINGS, "scores.damping_finetune"], version_extra=_damping_version,
+       kinds=["pytorch", "numpy"], heavy=True, resources=["lakehouse", "device"], when=_enabled,
+       outputs=lambda lay, k, _: [lay.query_vectors, lay.query_vectors.with_suffix(".json")])
+def query_vectors(step: Step) -> dg.MaterializeResult:
+    """ψ of every query that has a completion token within max_length, a slice of queries at a time."""
+    import torch
+
+    from msif_core.api import encode_queries
+    from msif_core.ekfac import Factors
+    from msif_core.index import query_vectors as vectors
+    from msif_core.models import fingerprint
+    from msif_core.query import QUERY_SLICE, measurement_gradients
+
+    from .corpus import read_queries
+
+    cfg, layout = step.cfg, step.layout
+    pt, ft = step.stages()
+    ptf, specs, proj, manifest = _pretrain_side(step, pt)
+    dtype = next(ft.model.parameters()).dtype
+    cast = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    ftf = Factors.load(layout.finetune_factors, expect_fingerprint=fingerprint(ft.model, ft.specs), dtype=cast,
+                       lazy=True)
+    q = read_queries(step)
+    qenc = encode_queries(ft, q.prompt.astype(str).tolist(), q.completion.tolist(), cfg.factors.max_length)
+    qids = q.query_id.iloc[qenc.kept].tolist()
+    if not qids:
+        raise dg.Failure(f"{cfg.queries}: no query has a completion token within max_length="
+                         f"{cfg.factors.max_length}; give the queries non-empty completions")
+    t = Timer()
+    parts = []
+    for lo in range(0, len(qids), QUERY_SLICE):
+        sl = qenc.subset(range(lo, min(lo + QUERY_SLICE, len(qids))))
+        grads = measurement_gradients(ft.model, specs, sl, cfg.factors.batch_size, ft.pad_id)
+        parts.append(vectors(grads, specs, ftf, ptf, proj, cfg.scores.damping_finetune, cfg.scores.damping_pretrain,
+                             cfg.index.whiten).astype(np.float32))
+        del grads
+    psi = np.concatenate(parts)
+    buf = io.BytesIO()
+    np.save(buf, psi)
+    layout.query_vectors.with_suffix(".json").unlink(missing_ok=True)
+    write_text_atomic(buf.getvalue(), layout.query_vectors)
+    write_text_atomic(json.dumps({"manifest": manifest, "query_ids": qids}, indent=1),
+                      layout.query_vectors.with_suffix(".json"))
+    return dg.MaterializeResult(metadata={"queries": len(qids), "dimensions": proj.dimensions,
+                                          "seconds": round(t.seconds, 3),
+                                          "path": dg.MetadataValue.path(str(layout.query_vectors))})
+
+
+def read_query_vectors(step: Step) -> tuple[np.ndarray, list[str], dict]:
+    """(ψ [Q, k], query ids, manifest) as ``query_vectors`` wrote them, or an error naming the fix."""
+    layout = step.layout
+    meta_path = layout.query_vectors.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+        psi = np.load(layout.query_vectors)
+    except (OSError, ValueError) as e:
+        raise CorruptTableError(f"query index vectors {layout.query_vectors} (or {meta_path.name}) are missing or "
+                                f"unreadable ({e}). Fix: {fix('query_vectors')}") from e
+    if psi.shape[0] != len(meta.get("query_ids", [])):
+        raise CorruptTableError(f"{layout.query_vectors} holds {psi.shape[0]} vectors for "
+                                f"{len(meta.get('query_ids', []))} query ids. Fix: {fix('query_vectors')}")
+    return psi, list(meta["query_ids"]), meta["manifest"]
+
+
+def index_rows(step: Step, key: str, specs) -> pd.DataFrame:
+    """Method ``ms_if_index`` of shard ``key``: every document scored by ⟨ψ, φ⟩, each query's top
+    ``[index] keep`` kept (query_id, doc_id, method, score, mlp_score, mha_score)."""
+    from msif_core.index import IndexMismatchError, Projection, check_manifest, index_scores
+    from msif_core.tables import long_table
+
+    cfg, layout = step.cfg, step.layout
+    psi, qids, expected = read_query_vectors(step)
+    where = f"influence index of shard {key} ({layout.index_manifest(key)})"
+    try:
+        found = json.loads(layout.index_manifest(key).read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptTableError(f"{where} is missing or unreadable ({e}). Fix: {fix('influence_index', key)}") from e
+    try:
+        check_manifest(found, expected, where)
+    except IndexMismatchError as e:
+        raise dg.Failure(f"{e}. Fix: {fix('influence_index', key)} and {fix('query_vectors')}") from e
+    arrow = step.lakehouse.open_lance(layout.index_table(key), f"influence_scores {key}",
+                                      fix("influence_index", key)).to_arrow()
+    col = arrow.column("vector").combine_chunks()
+    phi = col.flatten().to_numpy().reshape(len(col), -1)
+    doc_ids = arrow.column("doc_id").to_pylist()
+    if len(doc_ids) != found.get("documents") or phi.shape[1] != expected["dimensions"]:
+        raise CorruptTableError(f"{where}: the LanceDB table {layout.index_table(key)} holds {len(doc_ids)} rows of "
+                                f"{phi.shape[1]} numbers; its manifest says {found.get('documents')} of "
+                                f"{expected['dimensions']}. Fix: {fix('influence_index', key)}")
+    proj = Projection([s for s in specs if s.name in expected["shapes"]], expected["dimensions_requested"],
+                      seed=expected["seed"])
+    if proj.manifest()["shapes"] != expected["shapes"]:
+        raise dg.Failure(f"{where}: the projection of the current model's modules differs from the one the index "
+                         f"was built with. Fix: {fix('influence_index', key)} and {fix('query_vectors')}")
+    scores, parts = index_scores(psi, phi, proj)
+    long = long_table(scores, doc_ids, qids, "ms_if_index", parts.get("mlp"), parts.get("mha"))
+    keep = cfg.index.keep
+    long["_r"] = long.groupby("query_id").score.rank(ascending=False, method="first")
+    return long[long._r <= keep].drop(columns="_r")
+
+
+NODES = (influence_index, query_vectors)

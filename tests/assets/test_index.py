@@ -1,0 +1,81 @@
+"""The influence index in the pipeline (``[index] dimensions > 0``), from the tables and the event log:
+
+- unprojected (dimensions above the number of analysed parameters) ``ms_if_index`` equals ``ms_if`` on
+  every pair (every document a candidate), so the assets wire the index exactly;
+- a new fine-tuned checkpoint recomputes ``query_vectors`` and the scores, never an ``influence_index``
+  partition;
+- an index built for another projection is refused by name; a missing one names the fix.
+"""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+from helpers.pipeline import build_world, latest_storage_id, make_pipeline, materializations_since, perturb_checkpoint
+
+from msif_assets.layout import Layout
+
+SHARDS = ["shard_00000", "shard_00001"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("index")
+    toml = build_world(root, n_docs=32, shard_size=16, candidates="all", methods=("ms_if", "bm25"),
+                       extra_toml="\n[index]\ndimensions = 1000000000\nkeep = 100\n")
+    cfg, defs, pipe = make_pipeline(toml)
+    first = pipe.update()
+    assert not first.failures, first.failures
+    return root, cfg, pipe
+
+
+def test_unprojected_index_scores_equal_exact_ms_if(world) -> None:
+    _, cfg, pipe = world
+    layout = Layout(cfg.root)
+    for shard in SHARDS:
+        t = pd.read_parquet(layout.scores(shard))
+        exact = t[t.method == "ms_if"].set_index(["query_id", "doc_id"])
+        index = t[t.method == "ms_if_index"].set_index(["query_id", "doc_id"])
+        assert len(index) == len(exact) == 6 * 16  # keep 100 > 16: every document of the shard
+        joined = exact.join(index, rsuffix="_index")
+        scale = np.abs(joined.score).max()
+        assert np.abs(joined.score - joined.score_index).max() < 1e-4 * scale
+        assert np.abs(joined.mlp_score - joined.mlp_score_index).max() < 1e-4 * scale
+        assert (joined.shard_rank == joined.shard_rank_index).mean() > 0.95
+        assert set(index.damping_pretrain) == set(exact.damping_pretrain)
+    manifest = json.loads(layout.index_manifest(SHARDS[0]).read_text())
+    assert manifest["documents"] == 16 and manifest["whiten"] is True
+
+
+def test_new_finetuned_checkpoint_rebuilds_no_index_partition(world) -> None:
+    root, cfg, pipe = world
+    mark = latest_storage_id(pipe.instance)
+    perturb_checkpoint(root / "ckpt" / "pretrained", root / "ckpt" / "finetuned", seed=9)
+    res = pipe.update()
+    assert not res.failures
+    done = {a for a, _ in materializations_since(pipe.instance, mark)}
+    assert "query_vectors" in done and "influence_scores" in done
+    assert not done & {"influence_index", "corpus_shards", "corpus_embeddings", "pretrain_factors"}
+
+
+def test_mismatched_or_missing_index_is_refused_by_name(world) -> None:
+    _, cfg, pipe = world
+    layout = Layout(cfg.root)
+    path = layout.index_manifest(SHARDS[1])
+    good = path.read_text()
+    unit = [(dg.AssetKey("influence_scores"), SHARDS[1])]
+    try:
+        path.write_text(json.dumps(json.loads(good) | {"seed": 7}))
+        (rec,) = pipe.execute(unit)
+        assert not rec.success and "seed" in rec.error and str(path) in rec.error and "rematerialise" in rec.error
+        path.unlink()
+        (rec,) = pipe.execute(unit)
+        assert not rec.success and "missing" in rec.error and "influence_index" in rec.error
+    finally:
+        path.write_text(good)
+    (rec,) = pipe.execute(unit)
+    assert rec.success

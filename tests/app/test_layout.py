@@ -64,7 +64,8 @@ PINNED_DEMO_VERSIONS = {
     "influence_scores": "1-3145ba1df0da703b", "pretrain_covariance_sums": "1-c996b4cfebdf63a2",
     "pretrain_eigenbasis": "1-c996b4cfebdf63a2", "pretrain_factors": "1-c996b4cfebdf63a2-d4d1c340",
     "pretrain_lambda_sums": "1-c996b4cfebdf63a2", "query_ihvps": "1-32bcd47d7e612694",
-    "score_tables": "1-959367fdc91cb53e"}
+    "score_tables": "1-959367fdc91cb53e",
+    "influence_index": "1-ad3c2025678fd516-923bdb42", "query_vectors": "1-93ec5e6649219f3a-923bdb42"}
 
 
 def test_graph_is_derived_from_the_declarations(tmp_path: Path) -> None:

@@ -35,13 +35,16 @@ def factors_problems(directory: Path) -> dict[str, list[str]]:
 
 
 def score_problems(layout: Layout) -> dict[str, list[str]]:
-    """``{"finite": [...], "rows": [...], "duplicates": [...]}`` over all influence_scores partitions."""
+    """``{"finite": [...], "rows": [...], "duplicates": [...]}`` over all influence_scores partitions (the
+    rows of every method but ``ms_if_index``, which keeps its own top documents, follow the candidates)."""
     con = connect(layout)
+    cand = "method NOT IN ('ms_if_index')"  # the index keeps its own top [index] keep, not the candidates
     try:
         nonfinite = con.execute(
             "SELECT method, count(*) FROM influence_scores_by_shard WHERE score IS NULL OR NOT isfinite(score) "
             "GROUP BY method ORDER BY method").fetchall()
-        methods = [r[0] for r in con.execute("SELECT DISTINCT method FROM influence_scores_by_shard").fetchall()]
+        methods = [r[0] for r in con.execute(f"SELECT DISTINCT method FROM influence_scores_by_shard WHERE {cand}")
+                   .fetchall()]
         missing = con.execute(
             "WITH m AS (SELECT DISTINCT method FROM influence_scores_by_shard), "
             "q AS (SELECT query_id FROM queries WHERE scored), "
@@ -49,14 +52,16 @@ def score_problems(layout: Layout) -> dict[str, list[str]]:
             "SELECT q.query_id, m.method FROM q CROSS JOIN m LEFT JOIN c USING (query_id, method) "
             "WHERE c.n IS NULL ORDER BY 1, 2 LIMIT 20").fetchall()
         uneven = con.execute(
-            "WITH c AS (SELECT query_id, method, count(*) AS n FROM influence_scores_by_shard GROUP BY ALL) "
+            f"WITH c AS (SELECT query_id, method, count(*) AS n FROM influence_scores_by_shard WHERE {cand} "
+            "GROUP BY ALL) "
             "SELECT query_id, min(n), max(n) FROM c GROUP BY query_id HAVING min(n) <> max(n) "
             f"OR count(*) <> {len(methods)} ORDER BY 1 LIMIT 20").fetchall()
         expected = con.execute(
             "WITH d AS (SELECT DISTINCT doc_id FROM influence_scores_by_shard) "
             "SELECT count(*) FROM candidates c JOIN d USING (doc_id) "
             "WHERE c.query_id IN (SELECT query_id FROM queries WHERE scored)").fetchone()[0]
-        per_method = con.execute("SELECT method, count(*) FROM influence_scores_by_shard GROUP BY method").fetchall()
+        per_method = con.execute(f"SELECT method, count(*) FROM influence_scores_by_shard WHERE {cand} "
+                                 "GROUP BY method").fetchall()
         dups = con.execute(
             "SELECT query_id, doc_id, method, count(*) FROM influence_scores_by_shard GROUP BY ALL "
             "HAVING count(*) > 1 LIMIT 10").fetchall()

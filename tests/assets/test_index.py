@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 from helpers.pipeline import build_world, latest_storage_id, make_pipeline, materializations_since, perturb_checkpoint
 
+from msif_assets.checks import score_problems
 from msif_assets.layout import Layout
 
 SHARDS = ["shard_00000", "shard_00001"]
@@ -26,7 +27,7 @@ SHARDS = ["shard_00000", "shard_00001"]
 def world(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("index")
     toml = build_world(root, n_docs=32, shard_size=16, candidates="all", methods=("ms_if", "bm25"),
-                       extra_toml="\n[index]\ndimensions = 1000000000\nkeep = 100\n")
+                       extra_toml="\n[index]\ndimensions = 1000000000\nkeep = 10\n")
     cfg, defs, pipe = make_pipeline(toml)
     first = pipe.update()
     assert not first.failures, first.failures
@@ -40,8 +41,9 @@ def test_unprojected_index_scores_equal_exact_ms_if(world) -> None:
         t = pd.read_parquet(layout.scores(shard))
         exact = t[t.method == "ms_if"].set_index(["query_id", "doc_id"])
         index = t[t.method == "ms_if_index"].set_index(["query_id", "doc_id"])
-        assert len(index) == len(exact) == 6 * 16  # keep 100 > 16: every document of the shard
-        joined = exact.join(index, rsuffix="_index")
+        assert len(exact) == 6 * 16 and len(index) == 6 * 10  # every document a candidate; the index keeps 10
+        joined = index.join(exact, lsuffix="_index")
+        assert (joined.shard_rank <= 10).all()  # the index's top 10 are exact MS-IF's top 10
         scale = np.abs(joined.score).max()
         assert np.abs(joined.score - joined.score_index).max() < 1e-4 * scale
         assert np.abs(joined.mlp_score - joined.mlp_score_index).max() < 1e-4 * scale
@@ -49,6 +51,8 @@ def test_unprojected_index_scores_equal_exact_ms_if(world) -> None:
         assert set(index.damping_pretrain) == set(exact.damping_pretrain)
     manifest = json.loads(layout.index_manifest(SHARDS[0]).read_text())
     assert manifest["documents"] == 16 and manifest["whiten"] is True
+    problems = score_problems(layout)  # the candidates checks do not count the index's own top documents
+    assert not any(problems.values()), problems
 
 
 def test_new_finetuned_checkpoint_rebuilds_no_index_partition(world) -> None:

@@ -32,8 +32,7 @@ def _vectors(w, projection, whiten):
     return psi, dv.vectors, dv.sq_norms
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("whiten", [True, False])
+@pytest.mark.parametrize("arch, whiten", [(a, True) for a in ARCHS] + [("gpt_neox", False), ("llama", False)])
 def test_unprojected_index_is_exact_ms_if(arch, whiten):
     """Π = identity: ⟨ψ, φ⟩ = ⟨P_ft ∇m(θ_ft), P_pt ∇ℓ(z; θ_pt)⟩ from explicit block inverses (float64)."""
     w = world(arch)

@@ -40,7 +40,7 @@ Example (every key but the paths shows its default)::
     methods = ["ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever"]
     damping_pretrain = 1e-4         # a number, or "relative:0.1"
     damping_finetune = 1e-4
-    candidates = 100                # nearest documents per query and shard, or "all"
+    candidates = 100                # nearest documents per query and shard, "all", or "index" (needs [index])
     query_rank = 0                  # 0 exact; r > 0 rank-r query iHVPs (of each module)
     # memory_gib = 8                # memory budget of the process, models included; default: half the memory available
 
@@ -49,6 +49,7 @@ Example (every key but the paths shows its default)::
     whiten = true                   # (Λ+λ)^(-1/2) on both sides; false: all of P_pt on the query side
     seed = 0                        # of the random projection
     keep = 100                      # documents per query and shard kept as method ms_if_index
+    rerank = 100                    # with candidates = "index": documents per query and shard scored exactly
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class ConfigError(ValueError):
 class PipelineScoreSettings(ScoreSettings):
     """``[scores]`` of an experiment file: the core's score settings and the candidate prefilter."""
 
-    candidates: int | str = setting(100, 'nearest documents per query and shard (LanceDB), or "all"', minimum=1)
+    candidates: int | str = setting(100, 'nearest documents per query and shard (LanceDB), "all", or "index" (each '
+                                         "query's top [index] rerank by the influence index)", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -308,8 +310,10 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     if mem is not None and not mem > 0:
         errors.append(f"[scores] memory_gib must be > 0 GiB (leave it out for automatic), got {mem}")
     cand = get("scores", "candidates")
-    if isinstance(cand, str) and cand != "all":
-        errors.append(f"[scores] candidates must be a positive integer or \"all\", got {cand!r}")
+    if isinstance(cand, str) and cand not in ("all", "index"):
+        errors.append(f"[scores] candidates must be a positive integer, \"all\" or \"index\", got {cand!r}")
+    if cand == "index" and not get("index", "dimensions"):
+        errors.append('[scores] candidates = "index" needs the influence index: set [index] dimensions > 0')
     damping = {}
     for key in ("damping_pretrain", "damping_finetune"):
         try:

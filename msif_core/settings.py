@@ -89,6 +89,8 @@ class IndexSettings:
                                  "it on the query side (false; the index then does not depend on λ_pt)")
     seed: int = setting(0, "seed of the random projection (documents and queries share it)", minimum=0)
     keep: int = setting(100, "documents per query and shard kept as method ms_if_index", minimum=1)
+    rerank: int = setting(100, 'with [scores] candidates = "index": the documents per query and shard, by index '
+                               "score, that the exact methods score", minimum=1)
 
     @property
     def enabled(self) -> bool:

@@ -31,10 +31,12 @@ Outputs = Callable[[Layout, "str | None", ExperimentConfig], list]  # (layout, p
 
 @dataclass(frozen=True)
 class Dep:
-    """An upstream asset; ``identity`` maps corpus shard partitions one to one onto fit shard partitions."""
+    """An upstream asset; ``identity`` maps corpus shard partitions one to one onto fit shard partitions;
+    ``when`` (a test of the experiment) keeps the edge only where it holds."""
 
     asset: str
     identity: bool = False
+    when: Callable[[ExperimentConfig], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,8 @@ def included(nodes: Sequence[Node], cfg: ExperimentConfig) -> list[Node]:
 def dependency_table(nodes: Sequence[Node], cfg: ExperimentConfig, sources: Sequence[str]) -> Deps:
     """Every derived asset's upstream assets (deps on assets outside the graph dropped)."""
     present = {n.name for n in included(nodes, cfg)} | set(sources)
-    return {n.name: [(d.asset, "identity" if d.identity else None) for d in n.deps if d.asset in present]
+    return {n.name: [(d.asset, "identity" if d.identity else None) for d in n.deps
+                     if d.asset in present and (d.when is None or d.when(cfg))]
             for n in included(nodes, cfg)}
 
 

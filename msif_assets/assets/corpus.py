@@ -13,7 +13,7 @@ from msif_core.retrieval import all_pairs, nearest_pairs
 from ..io import CorpusReader, frame_hash, read_parquet_checked, read_records, shard_index, write_parquet_atomic
 from ..markdown import md_table
 from ..sources import CORPUS_PARTITIONS
-from .base import Step, Timer, asset, fix
+from .base import Dep, Step, Timer, asset, fix
 
 
 def read_documents(step: Step, key: str) -> pd.DataFrame:
@@ -82,7 +82,13 @@ def corpus_embeddings(step: Step) -> dg.MaterializeResult:
 def _describe_candidates(cfg, _) -> str:
     k = cfg.scores.candidates
     return "Documents each query scores in this shard: " + (
-        "all of them, at their cosine distance." if k == "all" else f"its {k} nearest by cosine similarity (LanceDB).")
+        "all of them, at their cosine distance." if k == "all" else
+        f"its top {cfg.index.rerank} by the influence index (with their embedding cosine distance)." if k == "index"
+        else f"its {k} nearest by cosine similarity (LanceDB).")
+
+
+def _by_index(cfg) -> bool:
+    return cfg.scores.candidates == "index"
 
 
 def cosine_distances(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
@@ -92,17 +98,37 @@ def cosine_distances(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
     return 1.0 - qn @ dn.T
 
 
-@asset("candidates", "corpus", _describe_candidates, deps=["corpus_embeddings", "queries"],
-       settings=["scores.candidates"], version_extra=lambda _, emb: f"{emb} distances", partitions=CORPUS_PARTITIONS,
+@asset("candidates", "corpus", _describe_candidates,
+       deps=["corpus_embeddings", "queries", Dep("influence_index", when=_by_index),
+             Dep("query_vectors", when=_by_index)],
+       settings=["scores.candidates"], partitions=CORPUS_PARTITIONS,
+       version_extra=lambda cfg, emb: f"{emb} distances" + (f" index rerank={cfg.index.rerank}" if _by_index(cfg)
+                                                            else ""),
        kinds=["lancedb", "parquet"], resources=["lakehouse", "embedder"], outputs=lambda lay, k, _: [lay.candidates(k)])
 def candidates(step: Step) -> dg.MaterializeResult:
-    """(query, document) pairs to score in one shard: all of them, or each query's nearest documents."""
+    """(query, document) pairs to score in one shard: all of them, each query's nearest documents, or its
+    top documents by the influence index (``candidates = "index"``: the exact methods then rerank those)."""
     key, k = step.key, step.cfg.scores.candidates
     t = Timer()
     q = read_queries(step)
     tbl = step.lakehouse.embeddings(key, fix("corpus_embeddings", key))
     vecs = step.embedder.encode((q.prompt.astype(str) + q.completion.astype(str)).tolist())
-    if k == "all":  # every pair, at its cosine distance (the retriever method ranks by it)
+    if k == "index":  # each query's top documents by the influence index, at their embedding distance
+        from .index import index_candidates
+
+        qids, pos, _, doc_ids = index_candidates(step, key)
+        arrow = tbl.to_arrow()
+        col = arrow.column("vector").combine_chunks()
+        emb = col.flatten().to_numpy().reshape(len(col), -1).astype(np.float64)
+        row_of = {d: i for i, d in enumerate(arrow.column("doc_id").to_pylist())}
+        qpos = pd.Index(q.query_id).get_indexer(qids)
+        dist = cosine_distances(np.asarray(vecs, dtype=np.float64)[qpos], emb)  # [Q, N embedded]
+        chosen = np.asarray(doc_ids, dtype=object)[pos]  # [Q, K]
+        df = pd.DataFrame({"query_id": np.repeat(np.asarray(qids, dtype=object), pos.shape[1]),
+                           "doc_id": chosen.ravel(),
+                           "distance": [dist[i, row_of[d]] for i, row in enumerate(chosen) for d in row],
+                           "neighbour_rank": np.tile(np.arange(1, pos.shape[1] + 1), len(qids))})
+    elif k == "all":  # every pair, at its cosine distance (the retriever method ranks by it)
         arrow = tbl.to_arrow()
         col = arrow.column("vector").combine_chunks()  # fixed-size lists: one flat buffer, no Python lists
         docs = col.flatten().to_numpy().reshape(len(col), -1).astype(np.float64)

@@ -162,13 +162,13 @@ def read_query_vectors(step: Step) -> tuple[np.ndarray, list[str], dict]:
     return psi, list(meta["query_ids"]), meta["manifest"]
 
 
-def index_rows(step: Step, key: str, specs) -> pd.DataFrame:
-    """Method ``ms_if_index`` of shard ``key``: every document scored by ⟨ψ, φ⟩, each query's top
-    ``[index] keep`` kept (query_id, doc_id, method, score, mlp_score, mha_score)."""
-    from msif_core.index import IndexMismatchError, Projection, check_manifest, index_scores
-    from msif_core.tables import long_table
+def load_index(step: Step, key: str, what: str) -> tuple[np.ndarray, list[str], np.ndarray, list[str], dict]:
+    """(φ [N, k], doc ids, ψ [Q, k], query ids, manifest) of shard ``key``, after checking that the shard's
+    index and the query vectors were made for the same model, factors, projection and damping; errors
+    say which file and the fix. ``what`` names the asset that reads them."""
+    from msif_core.index import IndexMismatchError, check_manifest
 
-    cfg, layout = step.cfg, step.layout
+    layout = step.layout
     psi, qids, expected = read_query_vectors(step)
     where = f"influence index of shard {key} ({layout.index_manifest(key)})"
     try:
@@ -179,8 +179,7 @@ def index_rows(step: Step, key: str, specs) -> pd.DataFrame:
         check_manifest(found, expected, where)
     except IndexMismatchError as e:
         raise dg.Failure(f"{e}. Fix: {fix('influence_index', key)} and {fix('query_vectors')}") from e
-    arrow = step.lakehouse.open_lance(layout.index_table(key), f"influence_scores {key}",
-                                      fix("influence_index", key)).to_arrow()
+    arrow = step.lakehouse.open_lance(layout.index_table(key), f"{what} {key}", fix("influence_index", key)).to_arrow()
     col = arrow.column("vector").combine_chunks()
     phi = col.flatten().to_numpy().reshape(len(col), -1)
     doc_ids = arrow.column("doc_id").to_pylist()
@@ -188,16 +187,36 @@ def index_rows(step: Step, key: str, specs) -> pd.DataFrame:
         raise CorruptTableError(f"{where}: the LanceDB table {layout.index_table(key)} holds {len(doc_ids)} rows of "
                                 f"{phi.shape[1]} numbers; its manifest says {found.get('documents')} of "
                                 f"{expected['dimensions']}. Fix: {fix('influence_index', key)}")
+    return phi, doc_ids, psi, qids, expected
+
+
+def index_rows(step: Step, key: str, specs) -> pd.DataFrame:
+    """Method ``ms_if_index`` of shard ``key``: every document scored by ⟨ψ, φ⟩, each query's top
+    ``[index] keep`` kept (query_id, doc_id, method, score, mlp_score, mha_score)."""
+    from msif_core.index import Projection, index_scores
+    from msif_core.tables import long_table
+
+    phi, doc_ids, psi, qids, expected = load_index(step, key, "influence_scores")
     proj = Projection([s for s in specs if s.name in expected["shapes"]], expected["dimensions_requested"],
                       seed=expected["seed"])
     if proj.manifest()["shapes"] != expected["shapes"]:
-        raise dg.Failure(f"{where}: the projection of the current model's modules differs from the one the index "
-                         f"was built with. Fix: {fix('influence_index', key)} and {fix('query_vectors')}")
+        raise dg.Failure(f"influence index of shard {key}: the projection of the current model's modules differs "
+                         f"from the one the index was built with. Fix: {fix('influence_index', key)} and "
+                         f"{fix('query_vectors')}")
     scores, parts = index_scores(psi, phi, proj)
     long = long_table(scores, doc_ids, qids, "ms_if_index", parts.get("mlp"), parts.get("mha"))
-    keep = cfg.index.keep
     long["_r"] = long.groupby("query_id").score.rank(ascending=False, method="first")
-    return long[long._r <= keep].drop(columns="_r")
+    return long[long._r <= step.cfg.index.keep].drop(columns="_r")
+
+
+def index_candidates(step: Step, key: str) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+    """Each query's top ``[index] rerank`` documents of shard ``key`` by index score (exact inner
+    products, :func:`msif_core.index.search`): (query ids, positions [Q, K], scores [Q, K], doc ids)."""
+    from msif_core.index import search
+
+    phi, doc_ids, psi, qids, _ = load_index(step, key, "candidates")
+    pos, scores = search(psi, phi, step.cfg.index.rerank)
+    return qids, pos, scores, doc_ids
 
 
 NODES = (influence_index, query_vectors)

@@ -1,9 +1,10 @@
 """The influence index in the pipeline (``[index] dimensions > 0``), from the tables and the event log:
 
 - unprojected (dimensions above the number of analysed parameters) ``ms_if_index`` equals ``ms_if`` on
-  every pair (every document a candidate), so the assets wire the index exactly;
-- a new fine-tuned checkpoint recomputes ``query_vectors`` and the scores, never an ``influence_index``
-  partition;
+  every pair (every document a candidate, by ``candidates = "index"`` in index order), so the assets wire
+  the index exactly;
+- a new fine-tuned checkpoint recomputes ``query_vectors``, the candidates and the scores, never an
+  ``influence_index`` partition;
 - an index built for another projection is refused by name; a missing one names the fix.
 """
 
@@ -26,8 +27,9 @@ SHARDS = ["shard_00000", "shard_00001"]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("index")
-    toml = build_world(root, n_docs=32, shard_size=16, candidates="all", methods=("ms_if", "bm25"),
-                       extra_toml="\n[index]\ndimensions = 1000000000\nkeep = 10\n")
+    # candidates from the index: each query's top 16 of 16 (every document, ordered by index score)
+    toml = build_world(root, n_docs=32, shard_size=16, candidates="index", methods=("ms_if", "bm25", "retriever"),
+                       extra_toml="\n[index]\ndimensions = 1000000000\nkeep = 10\nrerank = 16\n")
     cfg, defs, pipe = make_pipeline(toml)
     first = pipe.update()
     assert not first.failures, first.failures
@@ -51,6 +53,12 @@ def test_unprojected_index_scores_equal_exact_ms_if(world) -> None:
         assert set(index.damping_pretrain) == set(exact.damping_pretrain)
     manifest = json.loads(layout.index_manifest(SHARDS[0]).read_text())
     assert manifest["documents"] == 16 and manifest["whiten"] is True
+    cands = pd.read_parquet(layout.candidates(SHARDS[0]))
+    assert len(cands) == 6 * 16 and cands.distance.notna().all()  # embedding distances (the retriever's)
+    t = pd.read_parquet(layout.scores(SHARDS[0]))
+    top = t[(t.method == "ms_if_index") & (t.shard_rank == 1)].set_index("query_id").doc_id
+    first = cands[cands.neighbour_rank == 1].set_index("query_id").doc_id
+    assert (first.reindex(top.index) == top).all()  # candidates in index order
     problems = score_problems(layout)  # the candidates checks do not count the index's own top documents
     assert not any(problems.values()), problems
 
@@ -62,7 +70,7 @@ def test_new_finetuned_checkpoint_rebuilds_no_index_partition(world) -> None:
     res = pipe.update()
     assert not res.failures
     done = {a for a, _ in materializations_since(pipe.instance, mark)}
-    assert "query_vectors" in done and "influence_scores" in done
+    assert {"query_vectors", "candidates", "influence_scores"} <= done  # the index's top documents, rescored
     assert not done & {"influence_index", "corpus_shards", "corpus_embeddings", "pretrain_factors"}
 
 

@@ -128,6 +128,16 @@ class ExperimentConfig:
         out |= {f"index.{k}": v for k, v in asdict(self.index).items()}
         return out
 
+    @property
+    def needs_pretrain_factors(self) -> bool:
+        """Whether a configured method or the influence index uses the pre-trained model's EK-FAC."""
+        return self.scores.needs_pretrain_factors or self.index.enabled
+
+    @property
+    def needs_finetune_factors(self) -> bool:
+        """Whether a configured method or the influence index (its query side) uses the fine-tune EK-FAC."""
+        return self.scores.needs_finetune_factors or self.index.enabled
+
     def has_ground_truth(self) -> bool:
         """Whether the queries carry ``true_doc_ids`` (then ``attribution_quality`` is computed)."""
         return "true_doc_ids" in table_columns(self.queries)

@@ -99,10 +99,11 @@ def check_data(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
     try:
         ft = read_records(cfg.finetuning_data, "[data] finetuning_data", ("prompt", "completion"))
         blank = _empty(ft["completion"])
-        if cfg.scores.needs_finetune_factors and (ft.empty or blank.all()):
+        if cfg.needs_finetune_factors and (ft.empty or blank.all()):
+            users = [m for m in cfg.scores.methods if get_method(m).finetune_factors]
+            users += ["the influence index"] if cfg.index.enabled else []
             errors.append(f"[data] finetuning_data: {cfg.finetuning_data} has no pair with a completion; "
-                          f"{', '.join(m for m in cfg.scores.methods if get_method(m).finetune_factors)} fit the "
-                          f"fine-tuned model's EK-FAC on them")
+                          f"{', '.join(users)} fit the fine-tuned model's EK-FAC on them")
         elif blank.any():
             lines = [str(i + 1) for i in ft.index[blank]]
             warnings.append(f"[data] finetuning_data: {int(blank.sum())} pairs have an empty completion and are not "

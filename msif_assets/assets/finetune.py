@@ -13,7 +13,7 @@ from .base import FACTOR_SETTINGS, Step, Timer, asset, factor_metadata, fingerpr
 @asset("finetune_factors", "finetune_factors", "EK-FAC factors of θ_ft on the fine-tuning data (completion tokens "
        "only).", deps=["finetuned_checkpoint", "finetuning_data"], settings=FACTOR_SETTINGS,
        version_extra=fingerprint_version, kinds=["pytorch", "safetensors"], heavy=True,
-       resources=["lakehouse", "device"], when=lambda cfg: cfg.scores.needs_finetune_factors,
+       resources=["lakehouse", "device"], when=lambda cfg: cfg.needs_finetune_factors,
        outputs=lambda lay, k, _: [lay.finetune_factors])
 def finetune_factors(step: Step) -> dg.MaterializeResult:
     """Fit θ_ft's EK-FAC on the fine-tuning pairs."""

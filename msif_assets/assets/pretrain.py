@@ -23,7 +23,7 @@ FIT = ("shard_size", *FACTOR_SETTINGS)
 
 
 def _needed(cfg) -> bool:
-    return cfg.scores.needs_pretrain_factors
+    return cfg.needs_pretrain_factors
 
 
 def fit_settings(step: Step, shard: int):

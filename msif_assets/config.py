@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from msif_core.methods import ALL_METHODS
+from msif_core.methods import ALL_METHODS, DERIVED
 from msif_core.settings import FactorSettings, IndexSettings, ScoreSettings, setting
 
 ENV_VAR = "MSIF_CONFIG"
@@ -314,6 +314,9 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         errors.append(f"[scores] methods: unknown {bad} (known: {list(ALL_METHODS)}){hint}")
     if not methods:
         errors.append("[scores] methods must name at least one method")
+    for m, base in DERIVED.items():
+        if m in methods and base not in methods:
+            errors.append(f"[scores] methods: {m} rescales {base}'s scores; list {base} too")
     if len(set(methods)) != len(methods):
         errors.append(f"[scores] methods lists a method twice: {methods}")
     mem = get("scores", "memory_gib")

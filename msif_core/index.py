@@ -175,6 +175,32 @@ class DocumentVectors:
     sq_norms: np.ndarray  # [N] ‖Wᵀ∇ℓ‖² = ∇ℓᵀ P_pt ∇ℓ (whitened: the self-influence) or ‖∇ℓ‖² (plain), unprojected
 
 
+def _rotated_batches(model: nn.Module, specs: Sequence[ModuleSpec], encoded: Encoded, pt_factors: Factors,
+                     damping_pt: float | str, whiten: bool, batch_size: int, pad_id: int | None, what: str):
+    """Per batch of ``encoded``: (rows, losses, {module: Wᵀ G or Q_Sᵀ G Q_A [B, blocks, p, d]}) of its
+    per-sequence gradients on θ_pt, one module at a time (a generator of (rows, losses, name, rot))."""
+    dev = next(model.parameters()).device
+    dtype = compute_dtype(next(model.parameters()).dtype)
+    pad = pad_id if pad_id is not None else int(getattr(model.config, "pad_token_id", None) or 0)
+    n = len(encoded)
+    t0 = last = time.perf_counter()
+    done = 0
+    with analysed_grads_only(model, specs):
+        for batch in iter_batches(encoded, batch_size, pad):
+            cap = forward_backward(model, specs, batch.to(dev), fisher="empirical")
+            rows = np.asarray(batch.index)
+            losses = cap.per_sequence_loss.double().cpu().numpy()
+            for s in specs:
+                yield rows, losses, s.name, _rotated(pt_factors, s, cap.ds[s.name].to(dtype), cap.a[s.name].to(dtype),
+                                                     damping_pt, whiten)
+            done += len(rows)
+            del cap
+            now = time.perf_counter()
+            if now - last > 10 or done == n:
+                log.info("%s: %d/%d documents, %.1f docs/s", what, done, n, done / max(now - t0, 1e-9))
+                last = now
+
+
 def document_vectors(model: nn.Module, specs: Sequence[ModuleSpec], encoded: Encoded, pt_factors: Factors,
                      projection: Projection, damping_pt: float | str = 1e-4, whiten: bool = True,
                      batch_size: int = 8, pad_id: int | None = None,
@@ -189,31 +215,40 @@ def document_vectors(model: nn.Module, specs: Sequence[ModuleSpec], encoded: Enc
     if missing:
         raise ValueError(f"the pre-train factors have no module {missing[0]}; the projection was made for "
                          "other modules: build it from the factors' modules")
-    dev = next(model.parameters()).device
-    dtype = compute_dtype(next(model.parameters()).dtype)
-    pad = pad_id if pad_id is not None else int(getattr(model.config, "pad_token_id", None) or 0)
     n = len(encoded)
     vecs = torch.zeros(n, projection.dimensions, dtype=out_dtype)
     losses, sq = np.zeros(n), np.zeros(n)
-    t0 = last = time.perf_counter()
-    done = 0
-    with analysed_grads_only(model, specs):
-        for batch in iter_batches(encoded, batch_size, pad):
-            cap = forward_backward(model, specs, batch.to(dev), fisher="empirical")
-            rows = torch.tensor(batch.index)
-            for s in specs:
-                rot = _rotated(pt_factors, s, cap.ds[s.name].to(dtype), cap.a[s.name].to(dtype), damping_pt, whiten)
-                sq[rows.numpy()] += (rot * rot).sum(dim=(1, 2, 3)).double().cpu().numpy()
-                vecs[rows, projection.columns(s.name)] = projection.apply(s.name, rot).to("cpu", out_dtype)
-                del rot
-            losses[rows.numpy()] = cap.per_sequence_loss.double().cpu().numpy()
-            done += len(rows)
-            del cap
-            now = time.perf_counter()
-            if now - last > 10 or done == n:
-                log.info("index vectors: %d/%d documents, %.1f docs/s", done, n, done / max(now - t0, 1e-9))
-                last = now
+    for rows, loss, name, rot in _rotated_batches(model, specs, encoded, pt_factors, damping_pt, whiten, batch_size,
+                                                  pad_id, "index vectors"):
+        sq[rows] += (rot * rot).sum(dim=(1, 2, 3)).double().cpu().numpy()
+        vecs[torch.from_numpy(rows), projection.columns(name)] = projection.apply(name, rot).to("cpu", out_dtype)
+        losses[rows] = loss
     return DocumentVectors(vecs.numpy(), losses, sq)
+
+
+@dataclass
+class DocumentNorms:
+    """Per document, the norms the normalised MS-IF methods divide by (``ms_if_unit``, ``ms_if_cosine``)."""
+
+    grad_sq: np.ndarray  # [N] ‖∇ℓ(z; θ_pt)‖² over the analysed modules
+    self_influence: np.ndarray  # [N] ∇ℓ(z)ᵀ P_pt ∇ℓ(z), the squared norm of the whitened gradient
+
+
+def document_norms(model: nn.Module, specs: Sequence[ModuleSpec], encoded: Encoded, pt_factors: Factors,
+                   damping_pt: float | str = 1e-4, batch_size: int = 8, pad_id: int | None = None) -> DocumentNorms:
+    """Each document's squared gradient norm and self-influence on θ_pt, in the order of ``encoded``: one
+    forward and backward pass per batch, each module's per-sequence gradients rotated into the pre-train
+    eigenbasis once (the rotation keeps the norm; dividing by Λ_pt + λ there gives the self-influence)."""
+    specs = [s for s in specs if s.name in pt_factors.specs]
+    grad_sq, self_inf = np.zeros(len(encoded)), np.zeros(len(encoded))
+    for rows, _, name, rot in _rotated_batches(model, specs, encoded, pt_factors, damping_pt, False, batch_size,
+                                               pad_id, "document norms"):
+        sq = rot * rot
+        grad_sq[rows] += sq.sum(dim=(1, 2, 3)).double().cpu().numpy()
+        damped = pt_factors.lam[name] + pt_factors.damping_for(name, damping_pt)[:, None, None]
+        damped = damped.to(sq.device, sq.dtype)
+        self_inf[rows] += (sq / damped).sum(dim=(1, 2, 3)).double().cpu().numpy()
+    return DocumentNorms(grad_sq, self_inf)
 
 
 def query_vectors(grads: MeasurementGradients, specs: Sequence[ModuleSpec], ft_factors: Factors,

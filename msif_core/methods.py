@@ -8,6 +8,10 @@
 ``bm25``      BM25 of the query text (prompt + completion) against each document's words
 ``retriever`` the candidate retriever's own ranking: cosine similarity of sentence embeddings of the
               query text and the document (the pipeline's LanceDB search; whether a rerank helps)
+``ms_if_unit`` MS-IF divided by the document's gradient norm, score / ‖∇ℓ(z; θ_pt)‖ (unit-normalised
+              document side)
+``ms_if_cosine`` MS-IF divided by √(∇ℓᵀ P_pt ∇ℓ), the square root of the document's self-influence
+              (the whitened cosine; :func:`msif_core.index.document_norms`)
 ``ms_if_index`` MS-IF from the pre-training influence index, ⟨ψ(x), φ(z)⟩ of projected whitened
               gradients (:mod:`msif_core.index`); the pipeline adds it when ``[index] dimensions > 0``
 ============  =========================================================================================
@@ -51,9 +55,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("bm25", "BM25 word overlap of query and document", False, False, False, ""),
     Method("retriever", "the candidate retriever's embedding similarity (what the influence methods rerank)",
            False, False, False, ""),
+    Method("ms_if_unit", "MS-IF / ‖∇ℓ(z)‖ (unit-normalised document gradient)", False, True, True, "pretrained", True),
+    Method("ms_if_cosine", "MS-IF / √(∇ℓᵀ P_pt ∇ℓ) (whitened cosine: divided by the document's self-influence)",
+           False, True, True, "pretrained", True),
     Method("ms_if_index", "MS-IF from the pre-training influence index (random projection)", False, True, True,
            "pretrained", True),
 )}
+# methods that rescale another method's scores by a per-document norm (the pipeline computes them from it)
+DERIVED: dict[str, str] = {"ms_if_unit": "ms_if", "ms_if_cosine": "ms_if"}
 INDEX_METHODS: tuple[str, ...] = ("ms_if_index",)  # scored by the pipeline from its index, not by score()
 ALL_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in INDEX_METHODS)  # what [scores] methods takes
 GRADIENT_METHODS: tuple[str, ...] = tuple(m for m, d in METHODS.items() if d.gradient)
@@ -141,6 +150,9 @@ def score(method: str, pt: Stage, ft: Stage, documents: Encoded, *, ihvps: Query
                              "pipeline's candidates table holds; pass similarities= (the one-call API has no "
                              "retriever: score with the pipeline, or leave 'retriever' out of methods)")
         return MethodScores(np.asarray(similarities, dtype=np.float64))
+    if method in DERIVED:
+        raise ValueError(f"{method} rescales {DERIVED[method]}'s scores by a per-document norm "
+                         f"(msif_core.index.document_norms); score with {DERIVED[method]} and divide")
     if method in INDEX_METHODS:
         raise ValueError(f"{method} is scored from the influence index (msif_core.index.index_scores); the "
                          "pipeline adds it when [index] dimensions > 0")

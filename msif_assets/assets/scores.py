@@ -56,6 +56,8 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
     position = {d: i for i, d in enumerate(kept.doc_id)}
     plan = memory_plan(step, pt, ft, len(scored_q), 8)  # its document batch and candidate group
     for m in cfg.scores.methods:
+        if m in registry.DERIVED:  # from their base method's rows, below
+            continue
         t = Timer()
         if registry.get(m).gradient:  # query chunk by chunk: each chunk's candidates only
             dirs = chunk_dirs(layout, m)
@@ -104,6 +106,9 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
             frames.append(long.merge(cands[["query_id", "doc_id", "distance"]], on=["query_id", "doc_id"],
                                      how="inner"))
         md[f"seconds/{m}"] = round(t.seconds, 3)
+    derived = [m for m in cfg.scores.methods if m in registry.DERIVED]
+    if derived and frames:  # the base method's rows divided by each document's norm (one more pass)
+        frames += derived_rows(step, pt, enc, kept, pd.concat(frames, ignore_index=True), derived, md)
     if cfg.index.enabled:  # every document of the shard by ⟨ψ, φ⟩, each query's top [index] keep
         from .index import index_rows
 
@@ -126,6 +131,43 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
         table[col] = np.where(table.method.isin(applies), value, None)
     table["pretrained_version"], table["finetuned_version"] = step.model_versions()
     return table[SCORES_SCHEMA.names].reset_index(drop=True), md
+
+
+def derived_rows(step: Step, pt, enc, kept: pd.DataFrame, rows: pd.DataFrame, methods: list[str],
+                 md: dict[str, Any]) -> list[pd.DataFrame]:
+    """Rows of the normalised methods (``ms_if_unit``, ``ms_if_cosine``): their base method's rows with the
+    score and its parts divided by each document's gradient norm or √self-influence on θ_pt
+    (:func:`msif_core.index.document_norms`, one pass over the documents those rows name)."""
+    import torch
+
+    from msif_core.ekfac import Factors
+    from msif_core.index import document_norms
+    from msif_core.models import fingerprint
+
+    t = Timer()
+    base = rows[rows.method.isin({registry.DERIVED[m] for m in methods})]
+    pos = sorted(pd.Index(kept.doc_id).get_indexer(base.doc_id.unique()).tolist())
+    dtype = next(pt.model.parameters()).dtype
+    cast = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    ptf = Factors.load(step.layout.pretrain_factors, expect_fingerprint=fingerprint(pt.model, pt.specs), dtype=cast,
+                       lazy=True)
+    norms = document_norms(pt.model, pt.specs, enc.subset(pos), ptf, step.cfg.scores.damping_pretrain,
+                           step.cfg.factors.batch_size, pt.pad_id)
+    ids = kept.doc_id.iloc[pos].tolist()
+    by = {"ms_if_unit": pd.Series(np.sqrt(norms.grad_sq), index=ids),
+          "ms_if_cosine": pd.Series(np.sqrt(norms.self_influence), index=ids)}
+    out = []
+    for m in methods:
+        r = base[base.method == registry.DERIVED[m]].copy()
+        div = by[m].reindex(r.doc_id).to_numpy()
+        div = np.where(div > 0, div, np.nan)  # a document without gradient has no direction
+        for col in ("score", "mlp_score", "mha_score"):
+            r[col] = r[col].to_numpy(dtype=float) / div
+        r["method"] = m
+        out.append(r)
+        md[f"candidate_pairs/{m}"] = len(r)
+    md["seconds/document_norms"] = round(t.seconds, 3)
+    return out
 
 
 @asset("influence_scores", "scores",

@@ -28,7 +28,8 @@ SHARDS = ["shard_00000", "shard_00001"]
 def world(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("index")
     # candidates from the index: each query's top 16 of 16 (every document, ordered by index score)
-    toml = build_world(root, n_docs=32, shard_size=16, candidates="index", methods=("ms_if", "bm25", "retriever"),
+    toml = build_world(root, n_docs=32, shard_size=16, candidates="index",
+                       methods=("ms_if", "ms_if_cosine", "ms_if_unit", "bm25", "retriever"),
                        extra_toml="\n[index]\ndimensions = 1000000000\nkeep = 10\nrerank = 16\n")
     cfg, defs, pipe = make_pipeline(toml)
     first = pipe.update()
@@ -59,6 +60,18 @@ def test_unprojected_index_scores_equal_exact_ms_if(world) -> None:
     top = t[(t.method == "ms_if_index") & (t.shard_rank == 1)].set_index("query_id").doc_id
     first = cands[cands.neighbour_rank == 1].set_index("query_id").doc_id
     assert (first.reindex(top.index) == top).all()  # candidates in index order
+    # the whitened cosine: MS-IF / √self-influence, the index's own exact sq_norm column an independent pass
+    import lancedb
+
+    idx = lancedb.connect(str(layout.lancedb)).open_table(layout.index_table(SHARDS[0])).to_pandas()
+    si = pd.Series(idx.sq_norm.to_numpy(), index=idx.doc_id)
+    ms = t[t.method == "ms_if"].set_index(["query_id", "doc_id"]).score
+    cos = t[t.method == "ms_if_cosine"].set_index(["query_id", "doc_id"]).score.reindex(ms.index)
+    want = ms / np.sqrt(si.reindex(ms.index.get_level_values("doc_id")).to_numpy())
+    assert np.abs(cos - want).max() < 1e-4 * np.abs(want).max()
+    unit = t[t.method == "ms_if_unit"].set_index(["query_id", "doc_id"]).score.reindex(ms.index)
+    ratio = (ms / unit).groupby(level="doc_id")  # ‖∇ℓ(z)‖: one positive number per document
+    assert (ratio.min() > 0).all() and np.allclose(ratio.min(), ratio.max(), rtol=1e-4)
     problems = score_problems(layout)  # the candidates checks do not count the index's own top documents
     assert not any(problems.values()), problems
 

@@ -14,6 +14,7 @@ from msif_core.index import (
     IndexMismatchError,
     Projection,
     check_manifest,
+    document_norms,
     document_vectors,
     index_manifest,
     index_scores,
@@ -53,6 +54,8 @@ def test_unprojected_index_is_exact_ms_if(arch, whiten):
     else:
         want_sq = np.array([sum(float((gz[n][i] ** 2).sum()) for n in w.names) for i in range(len(w.docs))])
     assert rel_err(sq, want_sq) < 1e-8 and rel_err((phi * phi).sum(1), want_sq) < 1e-8
+    norms = document_norms(w.pt, w.specs, w.docs, w.pt_f, DAMP_PT, batch_size=2, pad_id=PAD)
+    assert rel_err(norms.self_influence if whiten else norms.grad_sq, want_sq) < 1e-8
 
 
 def test_projection_is_seeded_unbiased_and_sized():

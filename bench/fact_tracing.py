@@ -43,6 +43,15 @@ def stack(parts: list[QueryIHVPs]) -> QueryIHVPs:
     return QueryIHVPs(first.method, dict(first.specs), dense)
 
 
+def ensure_world(world: Path) -> Path:
+    """``world``, after building the demo world there if it is not built yet."""
+    if not (world / "models" / "finetuned").exists():
+        from msif_demo import build_demo
+
+        build_demo(world)
+    return world
+
+
 def load_world(world: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The demo world's corpus, fine-tuning pairs and queries."""
     corpus = pd.read_parquet(world / "data" / "corpus.parquet")
@@ -159,11 +168,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
-    world = Path(args.world)
-    if not (world / "models" / "finetuned").exists():
-        from msif_demo import build_demo
-
-        build_demo(world)
+    world = ensure_world(Path(args.world))
     r = run(world, args.queries, Path(args.out))
     print(Path(args.out, "fact_tracing.md").read_text())
     print(json.dumps({k: r[k] for k in ("documents", "queries", "timings_s", "mlp_share_of_abs_influence")},

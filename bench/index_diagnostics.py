@@ -18,12 +18,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+from fact_tracing import ensure_world, load_world  # noqa: E402
 from index_quality import spearman_per_query  # noqa: E402
 from rows import emit  # noqa: E402
 
@@ -48,10 +48,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "index_diagnostics.jsonl"))
     args = ap.parse_args()
     torch.set_num_threads(2)
-    w = Path(args.world)
-    corpus = pd.read_parquet(w / "data" / "corpus.parquet")
-    ft_data = pd.read_json(w / "data" / "finetune.jsonl", lines=True)
-    q = pd.read_json(w / "data" / "queries.jsonl", lines=True).head(args.queries)
+    w = ensure_world(Path(args.world))
+    corpus, ft_data, q = load_world(w)
+    q = q.head(args.queries)
     st = AttributionSettings(max_length=128, batch_size=16)
     pt, ft = load_stages(w / "models" / "pretrained", w / "models" / "finetuned", st)
     docs_all = encode_documents(pt.loaded.tokenizer, corpus.text.tolist(), 128)

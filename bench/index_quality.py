@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from fact_tracing import ensure_world, load_world  # noqa: E402
 from rows import emit  # noqa: E402
 
 from msif_core.api import AttributionSettings, encode_queries, fit_stage_factors, load_stages  # noqa: E402
@@ -87,14 +88,9 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(2)
-    world = Path(args.world)
-    if not (world / "models" / "finetuned").exists():
-        from msif_demo import build_demo
-
-        build_demo(world)
-    corpus = pd.read_parquet(world / "data" / "corpus.parquet")
-    finetune = pd.read_json(world / "data" / "finetune.jsonl", lines=True)
-    queries = pd.read_json(world / "data" / "queries.jsonl", lines=True).head(args.queries)
+    world = ensure_world(Path(args.world))
+    corpus, finetune, queries = load_world(world)
+    queries = queries.head(args.queries)
     settings = AttributionSettings(max_length=128, batch_size=args.batch_size)
     pt, ft = load_stages(world / "models" / "pretrained", world / "models" / "finetuned", settings)
     docs = encode_documents(pt.loaded.tokenizer, corpus.text.tolist(), settings.max_length)

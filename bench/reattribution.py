@@ -10,9 +10,9 @@ replaced by a perturbed copy (a "new fine-tune": Gaussian noise of 1% of each we
 deviation). Variants:
 
 - ``retriever``: today's default, the 100 nearest documents per query and shard by embedding (methods
-  ms_if, bm25, retriever);
+  ms_if, its normalised variants ms_if_cosine and ms_if_unit, bm25, retriever);
 - ``index_rerank``: ``[index] dimensions``, ``candidates = "index"``: each query's top ``--rerank`` per shard by
-  the influence index, rescored exactly by ms_if (and bm25, retriever), plus ``ms_if_index``;
+  the influence index, rescored exactly by ms_if and ms_if_cosine (and bm25, retriever), plus ``ms_if_index``;
 - ``index_only``: the index alone (``ms_if_index``; bm25 and retriever beside it, no exact gradient method).
 
 Per run: wall seconds of ``msif run``, the assets it materialised (units), the exact ms_if pairs scored, and
@@ -37,8 +37,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from rows import emit  # noqa: E402
 
 VARIANTS = {
-    "retriever": ('["ms_if", "bm25", "retriever"]', "100", ""),
-    "index_rerank": ('["ms_if", "bm25", "retriever"]', '"index"', "[index]\ndimensions = {k}\nrerank = {r}\n"),
+    "retriever": ('["ms_if", "ms_if_cosine", "ms_if_unit", "bm25", "retriever"]', "100", ""),
+    "index_rerank": ('["ms_if", "ms_if_cosine", "bm25", "retriever"]', '"index"',
+                     "[index]\ndimensions = {k}\nrerank = {r}\n"),
     "index_only": ('["bm25", "retriever"]', "100", "[index]\ndimensions = {k}\n"),
 }
 

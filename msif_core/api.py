@@ -27,7 +27,7 @@ import torch
 
 from . import methods as registry
 from .data import Encoded, encode_documents
-from .ekfac import Factors, FitSettings, fit_ekfac
+from .ekfac import CACHE_AUTO_SHARE, Factors, FitSettings, fit_ekfac
 from .memory import peak_rss_bytes, retain_freed_memory
 from .methods import GRADIENT_METHODS, MethodScores
 from .plan import model_bytes, plan_memory, vocab_size
@@ -55,9 +55,11 @@ class AttributionSettings(ScoreSettings, FactorSettings):
     seed: int = setting(0, "seed of the true-Fisher sampling")
 
     def fit_settings(self) -> FitSettings:
-        """The EK-FAC part of these settings."""
+        """The EK-FAC part of these settings; with a memory budget, the fit's pass cache takes at most
+        :data:`~msif_core.ekfac.CACHE_AUTO_SHARE` of it (without one, of the memory available)."""
+        cache = None if self.memory_gib is None else CACHE_AUTO_SHARE * self.memory_gib * 1024
         return FitSettings(fisher=self.fisher, max_examples=self.max_examples, batch_size=self.batch_size,
-                           seed=self.seed)
+                           seed=self.seed, cache_mib=cache)
 
 
 def fit_stage_factors(stage: Stage, encoded: Encoded, settings: AttributionSettings) -> Factors:

@@ -169,3 +169,12 @@ def test_lazy_factors_score_as_loaded_ones_reading_module_by_module(tmp_path) ->
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(UnreadableFileError, match="pt/factors.safetensors"):
         moved.lam[w.names[0]]
+
+
+def test_the_fit_cache_stays_within_the_memory_budget():
+    """With memory_gib the fit's pass cache is a quarter of it (it was a quarter of the machine's memory:
+    a Pythia-160M fit then peaked at 12.8 GiB under an 8 GiB budget, bench/results/kronfluence.jsonl)."""
+    from msif_core.api import AttributionSettings
+
+    assert AttributionSettings(memory_gib=8).fit_settings().cache_mib == 2048
+    assert AttributionSettings().fit_settings().cache_mib is None

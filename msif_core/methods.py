@@ -65,6 +65,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 DERIVED: dict[str, str] = {"ms_if_unit": "ms_if", "ms_if_cosine": "ms_if"}
 INDEX_METHODS: tuple[str, ...] = ("ms_if_index",)  # scored by the pipeline from its index, not by score()
 ALL_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in INDEX_METHODS)  # what [scores] methods takes
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in ALL_METHODS if m not in DERIVED)  # [scores] methods' default
 GRADIENT_METHODS: tuple[str, ...] = tuple(m for m, d in METHODS.items() if d.gradient)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from .methods import ALL_METHODS, needs_finetune_factors, needs_pretrain_factors
+from .methods import DEFAULT_METHODS, needs_finetune_factors, needs_pretrain_factors
 
 
 def setting(default: Any, help: str, choices: tuple | None = None, minimum: int | None = None) -> Any:
@@ -52,7 +52,7 @@ class FactorSettings:
 class ScoreSettings:
     """``[scores]``: which methods score, with which damping and query rank."""
 
-    methods: tuple[str, ...] = setting(ALL_METHODS, "methods to score with (see msif_core.methods)")
+    methods: tuple[str, ...] = setting(DEFAULT_METHODS, "methods to score with (see msif_core.methods)")
     damping_pretrain: float | str = setting(1e-4, "λ of P_pt: a number, or 'relative:c' (c x mean eigenvalue)")
     damping_finetune: float | str = setting(1e-4, "λ of P_ft: a number, or 'relative:c' (c x mean eigenvalue)")
     query_rank: int = setting(0, "0 exact; r > 0 keeps rank-r query iHVPs of each module's whole matrix", minimum=0)

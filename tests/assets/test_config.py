@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from msif_assets.config import ConfigError, load_config, resolve_corpus_files
-from msif_core.methods import ALL_METHODS
+from msif_core.methods import DEFAULT_METHODS
 
 PINNED_FACTOR_DIGEST = "19cfaf6eec9b14c4"  # default [factors], computed with the code of commit 6af6cb0
 
@@ -56,7 +56,7 @@ def test_defaults_and_relative_paths(world: Path) -> None:
     f, s = cfg.factors, cfg.scores
     assert (f.fisher, f.attention_blocks, f.modules, f.max_examples, f.max_length, f.batch_size) == \
         ("true", "per_head", "all", 100_000, 512, 8)
-    assert s.methods == ALL_METHODS
+    assert s.methods == DEFAULT_METHODS
     assert (s.damping_pretrain, s.damping_finetune, s.candidates, s.query_rank) == (1e-4, 1e-4, 100, 0)
     assert cfg.has_ground_truth()
 

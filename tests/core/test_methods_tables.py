@@ -16,7 +16,9 @@ from msif_core.tables import RANK_ORDER_SQL, long_table, with_rank
 
 
 def test_registry() -> None:
-    assert methods.ALL_METHODS == ("ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever")
+    assert methods.DEFAULT_METHODS == ("ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever")
+    assert methods.ALL_METHODS == methods.DEFAULT_METHODS + ("ms_if_unit", "ms_if_cosine")  # not ms_if_index
+    assert ScoreSettings().methods == methods.DEFAULT_METHODS
     assert methods.GRADIENT_METHODS == ("ms_if", "ss_if", "gdp")
     assert methods.needs_pretrain_factors(["gdp", "ms_if"]) and not methods.needs_pretrain_factors(["ss_if", "bm25"])
     assert methods.needs_finetune_factors(["ss_if"]) and not methods.needs_finetune_factors(["gdp", "repsim"])
@@ -30,7 +32,9 @@ def test_registry() -> None:
 
 
 def test_settings_are_defined_once_with_help() -> None:
-    for cls in (FactorSettings, ScoreSettings):
+    from msif_core.settings import IndexSettings
+
+    for cls in (FactorSettings, ScoreSettings, IndexSettings):
         for name, _, help_text in describe(cls):
             assert help_text, f"{cls.__name__}.{name} has no help"
     from msif_core.api import AttributionSettings

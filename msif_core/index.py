@@ -310,7 +310,7 @@ def search(queries: np.ndarray, documents: np.ndarray, k: int, rows_per_step: in
     best_s = torch.full((q.shape[0], 0), -math.inf)
     best_i = torch.zeros((q.shape[0], 0), dtype=torch.int64)
     for lo in range(0, n, rows_per_step):
-        d = torch.from_numpy(np.ascontiguousarray(documents[lo:lo + rows_per_step], dtype=np.float32))
+        d = torch.from_numpy(np.array(documents[lo:lo + rows_per_step], dtype=np.float32))  # a copy: may be read-only
         s = q @ d.T
         top = torch.topk(s, min(k, s.shape[1]), dim=1)
         best_s = torch.cat([best_s, top.values], dim=1)

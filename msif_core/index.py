@@ -177,8 +177,9 @@ class DocumentVectors:
 
 def _rotated_batches(model: nn.Module, specs: Sequence[ModuleSpec], encoded: Encoded, pt_factors: Factors,
                      damping_pt: float | str, whiten: bool, batch_size: int, pad_id: int | None, what: str):
-    """Per batch of ``encoded``: (rows, losses, {module: Wᵀ G or Q_Sᵀ G Q_A [B, blocks, p, d]}) of its
-    per-sequence gradients on θ_pt, one module at a time (a generator of (rows, losses, name, rot))."""
+    """Yields (rows, losses, module name, rot) per batch of ``encoded`` and module: rot [B, blocks, p, d] is
+    Wᵀ G (whiten) or Q_Sᵀ G Q_A of the batch's per-sequence gradients G on θ_pt. Every batch reads every
+    module's factors: pass factors held in memory (``Factors.load(lazy=False)``), not lazily read ones."""
     dev = next(model.parameters()).device
     dtype = compute_dtype(next(model.parameters()).dtype)
     pad = pad_id if pad_id is not None else int(getattr(model.config, "pad_token_id", None) or 0)
@@ -287,16 +288,15 @@ def unit_rows(vectors: np.ndarray, sq_norms: np.ndarray | None = None) -> np.nda
 
 def index_scores(queries: np.ndarray, documents: np.ndarray, projection: Projection | None = None
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Index scores [N, Q] = φ ψᵀ, and with ``projection`` the same per block kind (``mlp``, ``mha``):
-    sums over the columns of the blocks of that kind."""
-    scores = documents.astype(np.float64) @ queries.astype(np.float64).T
-    parts: dict[str, np.ndarray] = {}
-    if projection is not None:
-        for name, j, cols in projection.block_columns():
-            kind = projection.specs[name].blocks[j].kind
-            part = documents[:, cols].astype(np.float64) @ queries[:, cols].astype(np.float64).T
-            parts[kind] = parts.get(kind, 0) + part
-    return scores, parts
+    """Index scores [N, Q] = φ ψᵀ, and with ``projection`` the same per block kind (``mlp``, ``mha``): the
+    products over each kind's columns, whose sum is the score (one product over all columns either way)."""
+    if projection is None:
+        return documents.astype(np.float64) @ queries.astype(np.float64).T, {}
+    cols: dict[str, list[int]] = {}
+    for name, j, sl in projection.block_columns():
+        cols.setdefault(projection.specs[name].blocks[j].kind, []).extend(range(sl.start, sl.stop))
+    parts = {kind: documents[:, c].astype(np.float64) @ queries[:, c].astype(np.float64).T for kind, c in cols.items()}
+    return sum(parts.values()), parts
 
 
 def search(queries: np.ndarray, documents: np.ndarray, k: int, rows_per_step: int = 65536

@@ -120,13 +120,13 @@ def candidates(step: Step) -> dg.MaterializeResult:
         arrow = tbl.to_arrow()
         col = arrow.column("vector").combine_chunks()
         emb = col.flatten().to_numpy().reshape(len(col), -1).astype(np.float64)
-        row_of = {d: i for i, d in enumerate(arrow.column("doc_id").to_pylist())}
         qpos = pd.Index(q.query_id).get_indexer(qids)
         dist = cosine_distances(np.asarray(vecs, dtype=np.float64)[qpos], emb)  # [Q, N embedded]
         chosen = np.asarray(doc_ids, dtype=object)[pos]  # [Q, K]
+        at = pd.Index(arrow.column("doc_id").to_pylist()).get_indexer(chosen.ravel()).reshape(chosen.shape)
         df = pd.DataFrame({"query_id": np.repeat(np.asarray(qids, dtype=object), pos.shape[1]),
                            "doc_id": chosen.ravel(),
-                           "distance": [dist[i, row_of[d]] for i, row in enumerate(chosen) for d in row],
+                           "distance": np.take_along_axis(dist, at, axis=1).ravel(),
                            "neighbour_rank": np.tile(np.arange(1, pos.shape[1] + 1), len(qids))})
     elif k == "all":  # every pair, at its cosine distance (the retriever method ranks by it)
         arrow = tbl.to_arrow()

@@ -36,8 +36,9 @@ def _damping_version(cfg, _) -> str:
     return f"damping_pt={cfg.scores.damping_pretrain}" if cfg.index.whiten else "plain"
 
 
-def _pretrain_side(step: Step, pt):
-    """The pre-train factors (lazily read, checked against θ_pt), the projection and the manifest."""
+def _pretrain_side(step: Step, pt, lazy: bool):
+    """The pre-train factors (checked against θ_pt; ``lazy``: read module by module, for a pass that visits
+    each module once), the projection and the manifest."""
     import torch
 
     from msif_core.ekfac import Factors
@@ -47,7 +48,7 @@ def _pretrain_side(step: Step, pt):
     dtype = next(pt.model.parameters()).dtype
     cast = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     ptf = Factors.load(step.layout.pretrain_factors, expect_fingerprint=fingerprint(pt.model, pt.specs), dtype=cast,
-                       lazy=True)
+                       lazy=lazy)
     specs = [s for s in pt.specs if s.name in ptf.specs]
     proj = Projection(specs, step.cfg.index.dimensions, seed=step.cfg.index.seed)
     return ptf, specs, proj, index_manifest(ptf, proj, step.cfg.scores.damping_pretrain, step.cfg.index.whiten)
@@ -71,7 +72,7 @@ def influence_index(step: Step) -> dg.MaterializeResult:
     key, cfg, layout = step.key, step.cfg, step.layout
     docs = read_documents(step, key)
     pt, _ = step.stages()
-    ptf, specs, proj, manifest = _pretrain_side(step, pt)
+    ptf, specs, proj, manifest = _pretrain_side(step, pt, lazy=False)  # every batch visits every module
     enc = encode_documents(pt.loaded.tokenizer, docs.text.tolist(), cfg.factors.max_length)
     kept = docs.iloc[enc.kept].reset_index(drop=True)
     t = Timer()
@@ -115,7 +116,7 @@ def query_vectors(step: Step) -> dg.MaterializeResult:
 
     cfg, layout = step.cfg, step.layout
     pt, ft = step.stages()
-    ptf, specs, proj, manifest = _pretrain_side(step, pt)
+    ptf, specs, proj, manifest = _pretrain_side(step, pt, lazy=True)  # module by module
     dtype = next(ft.model.parameters()).dtype
     cast = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     ftf = Factors.load(layout.finetune_factors, expect_fingerprint=fingerprint(ft.model, ft.specs), dtype=cast,
@@ -194,7 +195,6 @@ def index_rows(step: Step, key: str, specs) -> pd.DataFrame:
     """Method ``ms_if_index`` of shard ``key``: every document scored by ⟨ψ, φ⟩, each query's top
     ``[index] keep`` kept (query_id, doc_id, method, score, mlp_score, mha_score)."""
     from msif_core.index import Projection, index_scores
-    from msif_core.tables import long_table
 
     phi, doc_ids, psi, qids, expected = load_index(step, key, "influence_scores")
     proj = Projection([s for s in specs if s.name in expected["shapes"]], expected["dimensions_requested"],
@@ -204,9 +204,17 @@ def index_rows(step: Step, key: str, specs) -> pd.DataFrame:
                          f"from the one the index was built with. Fix: {fix('influence_index', key)} and "
                          f"{fix('query_vectors')}")
     scores, parts = index_scores(psi, phi, proj)
-    long = long_table(scores, doc_ids, qids, "ms_if_index", parts.get("mlp"), parts.get("mha"))
-    long["_r"] = long.groupby("query_id").score.rank(ascending=False, method="first")
-    return long[long._r <= step.cfg.index.keep].drop(columns="_r")
+    keep = min(step.cfg.index.keep, len(doc_ids))
+    top = np.argsort(-scores, axis=0, kind="stable")[:keep]  # [keep, Q]: each query's best documents
+    cols = np.broadcast_to(np.arange(len(qids)), top.shape)
+
+    def pick(x: np.ndarray | None) -> np.ndarray | float:
+        return np.nan if x is None else x[top, cols].T.reshape(-1)
+
+    return pd.DataFrame({"query_id": np.repeat(np.asarray(qids, dtype=object), keep),
+                         "doc_id": np.asarray(doc_ids, dtype=object)[top.T.reshape(-1)], "method": "ms_if_index",
+                         "score": pick(scores), "mlp_score": pick(parts.get("mlp")),
+                         "mha_score": pick(parts.get("mha"))})
 
 
 def index_candidates(step: Step, key: str) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:

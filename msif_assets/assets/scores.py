@@ -150,7 +150,7 @@ def derived_rows(step: Step, pt, enc, kept: pd.DataFrame, rows: pd.DataFrame, me
     dtype = next(pt.model.parameters()).dtype
     cast = dtype if dtype in (torch.float32, torch.float64) else torch.float32
     ptf = Factors.load(step.layout.pretrain_factors, expect_fingerprint=fingerprint(pt.model, pt.specs), dtype=cast,
-                       lazy=True)
+                       lazy=False)  # every batch visits every module
     norms = document_norms(pt.model, pt.specs, enc.subset(pos), ptf, step.cfg.scores.damping_pretrain,
                            step.cfg.factors.batch_size, pt.pad_id)
     ids = kept.doc_id.iloc[pos].tolist()

@@ -133,7 +133,9 @@ def write_chunks(step: Step, pt, ft, qenc, qids: list[str]) -> dict[str, Any]:
        "SS-IF: P_ft ∇m; GDP: ∇m), and the queries with the fine-tuned model's answers.",
        deps=["queries", "finetuned_checkpoint", "pretrain_factors", "finetune_factors"],
        settings=["factors.attention_blocks", "factors.modules", "factors.module_tags", "factors.max_length",
-                 "scores.damping_pretrain", "scores.damping_finetune", "scores.query_rank", "scores.methods"],
+                 "scores.damping_pretrain", "scores.damping_finetune", "scores.query_rank"],
+       # only the methods with query iHVPs count: adding bm25 or a derived method recomputes none of them
+       version_extra=lambda cfg, _: "gradient methods=" + ",".join(sorted(cfg.scores.gradient_methods)),
        kinds=["pytorch", "safetensors", "parquet"], heavy=True, resources=["lakehouse", "device"],
        outputs=lambda lay, k, cfg: [lay.queries, *(lay.ihvps(m) for m in cfg.scores.gradient_methods)])
 def query_ihvps(step: Step) -> dg.MaterializeResult:

@@ -143,6 +143,21 @@ def test_module_tags(world: Path) -> None:
         plain.digest("shard_sise")
 
 
+def test_query_ihvps_version_counts_gradient_methods_only(world: Path) -> None:
+    """Adding a method without query iHVPs (bm25, retriever, a derived rescaling of ms_if) keeps the query iHVPs'
+    code version; adding a gradient method changes it, and the scores' version changes in both cases."""
+    from msif_assets.assets import code_versions
+
+    def versions(methods: list[str]) -> dict[str, str]:
+        return code_versions(load_config(write(world, f"[scores]\nmethods = {json.dumps(methods)}\n")), "e")
+
+    base = versions(["ms_if", "bm25"])
+    more = versions(["bm25", "ms_if", "retriever", "ms_if_cosine"])
+    grad = versions(["ms_if", "bm25", "ss_if"])
+    assert more["query_ihvps"] == base["query_ihvps"] != grad["query_ihvps"]
+    assert len({base["influence_scores"], more["influence_scores"], grad["influence_scores"]}) == 3
+
+
 def test_missing_required_key(world: Path) -> None:
     with pytest.raises(ConfigError, match=r"\[models\] finetuned is required"):
         load_config(write(world, base=MINIMAL.replace('finetuned = "ckpt/ft"\n', "")))

@@ -22,32 +22,17 @@ import time
 import warnings
 from pathlib import Path
 
-DAGSTER_YAML = """\
-# Written by `msif`. Shard partitions are independent runs: up to 4 run at once; the GPU-heavy steps
-# (pool msif_accelerator) one at a time (`dagster instance concurrency set msif_accelerator N` to change).
-concurrency:
-  runs:
-    max_concurrent_runs: 4
-  pools:
-    granularity: op
-    default_limit: 1
-python_logs:                 # msif_core's progress lines (tokens/s, documents/s) in the run logs
-  python_log_level: INFO
-  managed_python_loggers:
-    - msif_core
-    - msif_assets
-telemetry:
-  enabled: false
-"""
+DAGSTER_YAML = Path(__file__).with_name("dagster.yaml")  # the instance settings (run queue, pools, logs)
 
 
 def instance_dir(root: Path) -> Path:
-    """The Dagster home ``msif`` uses: ``$DAGSTER_HOME`` or ``<root>/.dagster`` (created with a dagster.yaml)."""
+    """The Dagster home ``msif`` uses: ``$DAGSTER_HOME`` or ``<root>/.dagster`` (created with
+    :data:`DAGSTER_YAML` as its dagster.yaml)."""
     home = os.environ.get("DAGSTER_HOME")
     d = Path(home) if home else root / ".dagster"
     d.mkdir(parents=True, exist_ok=True)
     if not (d / "dagster.yaml").exists():
-        (d / "dagster.yaml").write_text(DAGSTER_YAML)
+        (d / "dagster.yaml").write_text(DAGSTER_YAML.read_text())
     return d
 
 
@@ -141,7 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 dg.DagsterInstance.local_temp(tempdir=str(home))
             # failures are printed once by the pipeline (their root cause); Dagster's own console logger would
             # repeat each with its traceback (all of it stays in the run logs of the instance)
-            pipe = Pipeline(defs, instance, cfg, echo=print, log_level="CRITICAL")
+            pipe = Pipeline(defs, instance, cfg, echo=print, log_level="CRITICAL", workers=args.workers)
             res = pipe.materialize_all() if args.force else pipe.update()
     except LakehouseBusy as e:
         print(f"msif: {e}", file=sys.stderr)
@@ -205,6 +190,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def _workers(v: str) -> int:
+    """``--workers``: a positive number or ``auto`` (the CPU cores)."""
+    if v == "auto":
+        return max(1, os.cpu_count() or 1)
+    if not v.isdigit() or int(v) < 1:
+        raise argparse.ArgumentTypeError(f"--workers must be a positive number or 'auto', got {v!r}")
+    return int(v)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``msif`` console script."""
     parser = argparse.ArgumentParser(prog="msif", description="Multi-stage influence functions as a Dagster "
@@ -214,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path", nargs="?", help="experiment TOML (default: $MSIF_CONFIG, else the demo world)")
     p.add_argument("--force", action="store_true", help="recompute every asset, not only what is stale")
     p.add_argument("--queries", type=int, default=3, help="test questions to show (default 3)")
+    p.add_argument("--workers", type=_workers, default=1, metavar="N",
+                   help="Dagster runs at once, each in a worker process of its own (independent partitions in "
+                        "parallel); "
+                        "'auto' = the number of CPU cores; default 1: every run in this process")
     p.add_argument("--no-wait", action="store_true",
                    help="refuse (exit 3) instead of waiting when another msif run holds the lakehouse")
     p.set_defaults(func=cmd_run)

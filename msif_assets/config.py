@@ -59,7 +59,7 @@ import hashlib
 import json
 import os
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,9 @@ class ExperimentConfig:
     index: IndexSettings = field(default_factory=IndexSettings)
     source: Path | None = None  # the TOML file, None for the demo
     is_demo: bool = False
+    # (TOML file, folder its relative paths resolve against): how another process rebuilds this experiment
+    # (:func:`reload_config`; the step processes of ``msif run --workers N``); None when built in code
+    origin: tuple[str, str] | None = None
 
     def corpus_files(self) -> list[Path]:
         """The corpus files, sorted by path (Parquet or JSONL); the corpus order is this order."""
@@ -414,10 +417,20 @@ def load_config(path: str | Path | None = None, check_files: bool = True) -> Exp
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from e
-    return parse_config(raw, p.resolve().parent, source=p.resolve(), check_files=check_files)
+    cfg = parse_config(raw, p.resolve().parent, source=p.resolve(), check_files=check_files)
+    return replace(cfg, origin=(str(p.resolve()), str(p.resolve().parent)))
 
 
 def load_toml(path: Path, base_dir: Path, check_files: bool = False, is_demo: bool = False) -> ExperimentConfig:
     """An experiment file whose paths are relative to ``base_dir`` instead of the file (the app's demo)."""
     raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    return parse_config(raw, Path(base_dir).resolve(), source=None, check_files=check_files, is_demo=is_demo)
+    cfg = parse_config(raw, Path(base_dir).resolve(), source=None, check_files=check_files, is_demo=is_demo)
+    return replace(cfg, origin=(str(Path(path).resolve()), str(Path(base_dir).resolve())))
+
+
+def reload_config(origin: tuple[str, str], is_demo: bool = False) -> ExperimentConfig:
+    """The experiment of ``cfg.origin`` read again (in another process): the same settings and paths."""
+    toml, base = origin
+    if is_demo:
+        return load_toml(Path(toml), Path(base), is_demo=True)
+    return load_config(toml, check_files=False)

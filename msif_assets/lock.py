@@ -4,7 +4,9 @@ operating system when its process ends, so a killed run never leaves a stale loc
 ``msif run`` holds it for the whole run; a second ``msif run`` on the same root waits with a message
 naming the holder (or, with ``--no-wait``, refuses). An asset step that runs in another process (a run
 launched from the Dagster UI or by the daemon) takes it around its own work, so it waits for a running
-``msif run`` and vice versa; steps inside the process that holds it do not take it again.
+``msif run`` and vice versa; steps inside the process that holds it do not take it again, nor do the step
+processes of the runs it starts itself (``msif run --workers N``): those runs carry :data:`HOLDER_TAG`,
+and a step whose run names the live process that holds the lock of its root works under that lock.
 """
 
 from __future__ import annotations
@@ -39,9 +41,44 @@ def holder(root: Path) -> str:
     return f"pid {info.get('pid', '?')} ({info.get('command', '?')}), since {since}"
 
 
+HOLDER_TAG = "msif/lakehouse_held_by"  # run tag "<pid>:<root>": a run the lock holder started itself
+
+
 def held_here(root: Path) -> bool:
     """Whether this process holds the lock of ``root``."""
     return str(Path(root).resolve()) in _HELD
+
+
+def holder_tag(root: Path) -> str:
+    """The :data:`HOLDER_TAG` value of the runs this process (which holds the lock of ``root``) starts."""
+    key = str(Path(root).resolve())
+    if key not in _HELD:
+        raise RuntimeError(f"holder_tag: this process does not hold the lock of {key}")
+    return f"{os.getpid()}:{key}"
+
+
+def works_for_holder(root: Path, tag: str | None) -> bool:
+    """Whether ``tag`` (a run's :data:`HOLDER_TAG`) names ``root`` and a live process that holds its lock now:
+    then the run's steps work under that lock."""
+    key = str(Path(root).resolve())
+    pid, _, tagged = (tag or "").partition(":")
+    if tagged != key or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+        info = json.loads(_path(root).read_text() or "{}")
+    except (OSError, ValueError):
+        return False
+    if info.get("pid") != int(pid):
+        return False
+    fd = os.open(_path(root), os.O_RDWR)
+    try:  # the holder's lock must be taken now: if this process gets it, nobody holds it
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+    return False
 
 
 def acquire(root: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None,
@@ -84,9 +121,11 @@ def release(root: Path) -> None:
 
 
 @contextmanager
-def locked(root: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Hold the lock of ``root`` for the block (unless this process already holds it)."""
-    if held_here(root):
+def locked(root: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None,
+           holder: str | None = None) -> Iterator[None]:
+    """Hold the lock of ``root`` for the block (unless this process already holds it, or ``holder``, the
+    :data:`HOLDER_TAG` of the run this step belongs to, names the live process that holds it)."""
+    if held_here(root) or works_for_holder(root, holder):
         yield
         return
     acquire(root, wait=wait, on_wait=on_wait)

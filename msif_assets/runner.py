@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -69,6 +70,15 @@ class UpdateResult:
         return [r for r in self.runs if not r.success]
 
 
+@dataclass
+class _Finished:
+    """What :meth:`Pipeline._record` reads of a run executed in a worker process (from the instance)."""
+
+    run_id: str
+    success: bool
+    all_events: list
+
+
 def _root_cause(error) -> str:
     """The message of the user code's own exception, under Dagster's wrappers."""
     while (error.cls_name or "").startswith("Dagster") and getattr(error, "cause", None) is not None:
@@ -80,8 +90,11 @@ class Pipeline:
     """The asset graph of one experiment bound to a Dagster instance."""
 
     def __init__(self, defs: dg.Definitions, instance: dg.DagsterInstance, cfg: ExperimentConfig,
-                 echo: Callable[[str], None] | None = None, log_level: str = "WARNING") -> None:
+                 echo: Callable[[str], None] | None = None, log_level: str = "WARNING", workers: int = 1) -> None:
+        """``workers`` > 1: that many runs at once, each in a worker process (:mod:`.jobs`; the experiment
+        must come from a file, which each worker reads again; the instance must be on disk)."""
         self.defs, self.instance, self.cfg = defs, instance, cfg
+        self.workers = max(1, int(workers))
         self.echo = echo or (lambda s: log.info(s))
         self.graph = defs.resolve_asset_graph()
         self.log_level = log_level
@@ -89,6 +102,22 @@ class Pipeline:
         self.checks = [c for c in (defs.asset_checks or [])]
         self.resources = defs.resources or {}
         self._order = self._topological_order()
+        self._rank = {k: i for i, k in enumerate(self._order)}
+        self._job_kwargs = self._reconstruction() if self.workers > 1 else None
+
+    def _reconstruction(self) -> dict:
+        """What the worker and step processes rebuild the definitions from (:mod:`msif_assets.jobs`), with this
+        pipeline's resources; torch threads shared out between the workers."""
+        import os
+
+        from .jobs import job_kwargs
+
+        if self.instance.is_ephemeral:
+            raise ValueError("parallel runs (workers > 1) need a Dagster instance on disk (DAGSTER_HOME or "
+                             "DagsterInstance.local_temp), not an ephemeral one: each step process records its "
+                             "events there")
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        return job_kwargs(self.cfg, self.resources["device"], self.resources["embedder"], threads)
 
     # ---------------------------------------------------------------------------------- graph helpers
     def _topological_order(self) -> list[dg.AssetKey]:
@@ -189,44 +218,100 @@ class Pipeline:
                 out |= {(k, p) for p in parts if p not in have}
         return out
 
+    def failed_units(self) -> set[Unit]:
+        """Asset partitions whose latest attempt did not materialise them (its run failed, or died) although
+        they were materialised before: what an update retries, since the automation conditions saw their
+        upstream change already."""
+        out: set[Unit] = set()
+        for k in self._order:
+            for p in self.partitions_of(k):
+                planned = self.instance.get_latest_planned_materialization_info(k, p)
+                if planned is None:
+                    continue
+                recs = self.instance.fetch_materializations(
+                    dg.AssetRecordsFilter(asset_key=k, asset_partitions=[p] if p is not None else None), limit=1)
+                last = recs.records[0].storage_id if recs.records else -1
+                if planned.storage_id > last:
+                    run = self.instance.get_run_by_id(planned.run_id)
+                    if run is None or run.is_finished:
+                        out.add((k, p))
+        return out
+
     # ---------------------------------------------------------------------------------- execution
+    def _next_group(self, pending: set[Unit], busy: set[Unit]) -> set[Unit] | None:
+        """The next run: the first ready unit (nothing it needs is pending or running) and the units of its
+        partition whose pending upstream is all in the group; None when nothing is ready."""
+        rank = self._rank
+        ready = [u for u in pending if not (self.upstream_units(u) & (pending | busy))]
+        if not ready:
+            return None
+        ready.sort(key=lambda u: (rank[u[0]], u[1] or ""))
+        first = ready[0]
+        group_def, part = self._pdef_name(first[0]), first[1]
+        group = {first}
+        grew = True
+        while grew:  # add same-partition units whose pending upstream is all in the group
+            grew = False
+            for u in sorted(pending - group, key=lambda u: rank[u[0]]):
+                if u[1] == part and self._pdef_name(u[0]) == group_def and \
+                        (self.upstream_units(u) & (pending | busy)) <= group:
+                    group.add(u)
+                    grew = True
+        return group
+
     def execute(self, units: Iterable[Unit], skipped: set[Unit] | None = None) -> list[RunRecord]:
-        """Materialise ``units`` in dependency order; a failed unit's downstream units are skipped (added to
-        ``skipped``)."""
+        """Materialise ``units`` in dependency order, one Dagster run per (partition, group of assets); a
+        failed unit's downstream units are skipped (added to ``skipped``). With ``workers`` > 1 up to that
+        many runs are in flight at once, each in a worker process of its own (:meth:`_submit`).
+
+        Why a loop of ours decides which run starts when: Dagster runs one partition per run, and its own
+        scheduling of many runs (the run queue and its coordinator, asset backfills) is done by the daemon;
+        without a daemon it has no public way to launch runs. A deployment uses the daemon (README,
+        ``deploy/``), and then this loop is not involved."""
         pending = set(units)
         records: list[RunRecord] = []
-        failed: set[Unit] = set()
         skipped = skipped if skipped is not None else set()
-        rank = {k: i for i, k in enumerate(self._order)}
-        while pending:
-            ready = [u for u in pending if not (self.upstream_units(u) & pending)]
-            if not ready:  # pragma: no cover - a cycle cannot happen in an asset graph
-                raise RuntimeError(f"cannot order {pending}")
-            ready.sort(key=lambda u: (rank[u[0]], u[1] or ""))
-            first = ready[0]
-            group_def, part = self._pdef_name(first[0]), first[1]
-            group = {first}
-            grew = True
-            while grew:  # add same-partition units whose pending upstream is all in the group
-                grew = False
-                for u in sorted(pending - group, key=lambda u: rank[u[0]]):
-                    if u[1] == part and self._pdef_name(u[0]) == group_def and \
-                            (self.upstream_units(u) & pending) <= group:
-                        group.add(u)
-                        grew = True
-            pending -= group  # never downstream of a failure: those were taken out of ``pending`` below
-            rec = self._run([k for k, _ in sorted(group, key=lambda u: rank[u[0]])], part)
-            records.append(rec)
-            if rec.failed_assets:
-                bad = {(dg.AssetKey(a), part) for a in rec.failed_assets}
-                failed |= bad
-                blocked = self.downstream_units(bad) & pending  # all levels, never run on missing inputs
-                skipped |= blocked | (bad - {(dg.AssetKey(a), part) for a in rec.errors_in})
-                pending -= blocked
+        running: dict[Future, tuple[set[Unit], str | None, list[dg.AssetKey]]] = {}
+        busy: set[Unit] = set()
+        pool = self._workers_pool() if self.workers > 1 else None
+        try:
+            while pending or running:
+                while len(running) < self.workers and (pool is None or pool.idle()):
+                    group = self._next_group(pending, busy)
+                    if group is None:
+                        break
+                    pending -= group  # never downstream of a failure: those were taken out of ``pending``
+                    busy |= group
+                    part = next(iter(group))[1]
+                    keys = [k for k, _ in sorted(group, key=lambda u: self._rank[u[0]])]
+                    fut: Future = Future()
+                    if pool is None:
+                        fut.set_result(self._run(keys, part))
+                    else:
+                        fut = self._submit(pool, keys, part)
+                    running[fut] = (group, part, keys)
+                if not running:  # pragma: no cover - a cycle cannot happen in an asset graph
+                    raise RuntimeError(f"cannot order {pending}")
+                if pool is not None and not any(f.done() for f in running):
+                    pool.wait()
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in sorted(done, key=lambda f: min(self._rank[u[0]] for u in running[f][0])):
+                    group, part, keys = running.pop(fut)
+                    busy -= group
+                    rec = fut.result() if pool is None else self._finished(fut, keys, part)
+                    records.append(rec)
+                    if rec.failed_assets:
+                        bad = {(dg.AssetKey(a), part) for a in rec.failed_assets}
+                        blocked = self.downstream_units(bad) & pending  # all levels, never run on missing inputs
+                        skipped |= blocked | (bad - {(dg.AssetKey(a), part) for a in rec.errors_in})
+                        pending -= blocked
+        finally:
+            if pool is not None:
+                pool.close()
         return records
 
     def _run(self, keys: list[dg.AssetKey], partition: str | None) -> RunRecord:
-        names = [k.to_user_string() for k in keys]
+        """One in-process run of ``keys`` (and their checks) for ``partition``."""
         key_set = set(keys)
         checks = [c for c in self.checks if {ck.asset_key for ck in c.check_keys} <= key_set]
         t0 = time.perf_counter()
@@ -235,7 +320,51 @@ class Pipeline:
             resources=self.resources, raise_on_error=False,
             run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},
             tags={"msif/driver": "msif run"})
-        secs = time.perf_counter() - t0
+        return self._record(keys, partition, result, time.perf_counter() - t0)
+
+    def _workers_pool(self):
+        from .jobs import WorkerPool
+
+        return WorkerPool(self.workers, self.instance)
+
+    def _submit(self, pool, keys: list[dg.AssetKey], partition: str | None) -> Future:
+        """Start one run of ``keys`` (and their checks) for ``partition`` in a worker process
+        (:mod:`msif_assets.jobs`); its steps work under this process's lakehouse lock when it holds it."""
+        import uuid
+
+        from .jobs import TASK_TAG
+        from .lock import HOLDER_TAG, held_here, holder_tag
+
+        tags = {"msif/driver": f"msif run --workers {self.workers}"}
+        if held_here(self.cfg.root):  # msif run holds the lakehouse: its runs' steps work under its lock
+            tags[HOLDER_TAG] = holder_tag(self.cfg.root)
+        if partition is not None:
+            tags["dagster/partition"] = partition
+        tags[TASK_TAG] = uuid.uuid4().hex
+        run_config = {"loggers": {"console": {"config": {"log_level": self.log_level}}}}
+        fut = pool.submit({"kwargs": self._job_kwargs, "instance_ref": self.instance.get_ref(),
+                           "keys": [k.to_user_string() for k in keys], "tags": tags, "run_config": run_config})
+        fut.started = time.perf_counter()  # type: ignore[attr-defined]
+        return fut
+
+    def _finished(self, fut: Future, keys: list[dg.AssetKey], partition: str | None) -> RunRecord:
+        """The record of a worker's run, read back from the instance; a worker that died is a failed run."""
+        secs = time.perf_counter() - fut.started  # type: ignore[attr-defined]
+        try:
+            run_id = fut.result()
+        except RuntimeError as e:  # the worker process died, or could not start the run
+            names = [k.to_user_string() for k in keys]
+            where = f" [{partition}]" if partition else ""
+            self.echo(f"  FAIL {', '.join(names)}{where} ({secs:.1f}s)\n       {e}")
+            return RunRecord(partition, names, False, secs, "", str(e), 0.0, names, names)
+        run = self.instance.get_run_by_id(run_id)
+        events = [e.dagster_event for e in self.instance.all_logs(run_id) if e.dagster_event is not None]
+        finished = _Finished(run_id, run is not None and run.status == dg.DagsterRunStatus.SUCCESS, events)
+        return self._record(keys, partition, finished, secs)
+
+    def _record(self, keys: list[dg.AssetKey], partition: str | None, result, secs: float) -> RunRecord:
+        """The :class:`RunRecord` of a finished run (its line echoed)."""
+        names = [k.to_user_string() for k in keys]
         err = None
         done = {e.asset_key.to_user_string() for e in result.all_events
                 if e.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION and e.asset_key is not None}
@@ -285,7 +414,8 @@ class Pipeline:
 
     def update(self, max_ticks: int = 40, include_missing: bool = True) -> UpdateResult:
         """Bring every asset up to date with its sources: the automation loop, synchronously. Units whose
-        outputs were deleted or altered are recomputed too; nothing downstream of a failure runs."""
+        outputs were deleted or altered, and units whose last attempt failed, are recomputed too; nothing
+        downstream of a failure runs."""
         t0 = time.perf_counter()
         res = UpdateResult(sync=self.sync())
         self.echo(f"sources: {res.sync.summary()}")
@@ -301,7 +431,7 @@ class Pipeline:
             if include_missing:
                 want |= self.missing_units()
             if tick == 0:
-                want |= set(stale)
+                want |= set(stale) | self.failed_units()
             blocked = self.downstream_units(failed)
             skipped |= want & blocked
             want -= failed | blocked

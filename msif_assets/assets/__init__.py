@@ -54,9 +54,11 @@ def code_versions(cfg: ExperimentConfig, embedder_name: str) -> dict[str, str]:
     return {n.name: code_version(n, cfg, embedder_name) for n in NODES}
 
 
-def build_assets(cfg: ExperimentConfig, embedder_name: str = "all-MiniLM-L6-v2") -> list[dg.AssetsDefinition]:
-    """The derived assets of ``cfg`` (sources are in :mod:`msif_assets.sources`)."""
-    return build(NODES, cfg, embedder_name, SOURCES)
+def build_assets(cfg: ExperimentConfig, embedder_name: str = "all-MiniLM-L6-v2",
+                 accelerator_pool: bool = True) -> list[dg.AssetsDefinition]:
+    """The derived assets of ``cfg`` (sources are in :mod:`msif_assets.sources`); ``accelerator_pool``: the
+    steps that run models are in the pool ``msif_accelerator``."""
+    return build(NODES, cfg, embedder_name, SOURCES, accelerator_pool)
 
 
 __all__ = ["NODES", "SCORES_SCHEMA", "attribution_settings", "automation_condition", "build_assets",

@@ -10,6 +10,7 @@ resources it declared (``lakehouse``, ``device``, ``embedder``).
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -234,13 +235,14 @@ def code_version(node: Node, cfg: ExperimentConfig, embedder_name: str) -> str:
 
 
 def build(nodes: Sequence[Node], cfg: ExperimentConfig, embedder_name: str,
-          sources: Sequence[str]) -> list[dg.AssetsDefinition]:
-    """Dagster asset definitions of ``cfg``'s nodes."""
+          sources: Sequence[str], accelerator_pool: bool = True) -> list[dg.AssetsDefinition]:
+    """Dagster asset definitions of ``cfg``'s nodes; with ``accelerator_pool`` the heavy ones (they run
+    models) are in the pool :data:`POOL`."""
     deps = dependency_table(nodes, cfg, sources)
     ignored = redundant_deps(deps)
 
     def define(n: Node) -> dg.AssetsDefinition:
-        kw: dict[str, Any] = {"pool": POOL} if n.heavy else {}
+        kw: dict[str, Any] = {"pool": POOL} if n.heavy and accelerator_pool else {}
 
         @dg.asset(name=n.name, group_name=n.group, description=n.describe(cfg, embedder_name),
                   deps=[dg.AssetDep(d, partition_mapping=dg.IdentityPartitionMapping()) if m == "identity"
@@ -256,13 +258,19 @@ def build(nodes: Sequence[Node], cfg: ExperimentConfig, embedder_name: str,
     return [define(n) for n in included(nodes, cfg)]
 
 
+FAULT_ENV = "MSIF_FAULT"  # "asset" or "asset[partition]": that step's process exits at once (tests of crashes)
+
+
 def run_step(n: Node, step: Step) -> dg.MaterializeResult:
     """An asset's code under the lakehouse lock, its written files fingerprinted into the metadata."""
-    from ..lock import locked
+    from ..lock import HOLDER_TAG, locked
     from ..outputs import OUTPUTS_KEY, ROOT_KEY, fingerprint
 
     root = Path(step.cfg.root)
-    with locked(root, on_wait=step.log.info):
+    fault = os.environ.get(FAULT_ENV)
+    if fault and fault in (n.name, f"{n.name}[{step.key if n.partitions is not None else ''}]"):
+        os._exit(70)  # a process that dies (out of memory, a crash in native code): no exception, no cleanup
+    with locked(root, on_wait=step.log.info, holder=step.context.run.tags.get(HOLDER_TAG)):
         res = n.fn(step)
         if n.outputs is None:
             return res

@@ -1,0 +1,200 @@
+"""Runs in worker processes: what lets ``msif run --workers N`` execute N Dagster runs at once
+(:class:`WorkerPool`), each with ``dagster.execute_job`` on the same instance, in a process of its own.
+
+Why worker processes and not threads: two Dagster runs executed from two threads of one process deadlock in
+Python's logging (each run's start reconfigures the logging handlers the other is writing through). Why
+long-lived workers running Dagster's in-process executor and not its multiprocess executor (a process per
+step): a step process loads the models and the embedder again for every step (measured on a four-shard
+world: 4-5 s of each corpus step, the whole run 4x slower than one worker), where a worker keeps them for its
+next runs; a worker that dies fails its own run only.
+
+``execute_job`` needs a *reconstructable* job: each worker imports
+:func:`experiment_definitions` and calls it with the same arguments (plain strings and numbers, recorded in
+the run), reads the experiment file again (:func:`msif_assets.config.reload_config`), builds the same
+definitions, resources included, and takes their implicit asset job (every asset, any partitions). Dagster's
+public ``build_reconstructable_job`` wraps a job in a repository of its own, where the implicit asset job's
+name is reserved, so :func:`reconstructable_job` points Dagster's ``ReconstructableJob`` at the definitions
+themselves. The forkserver start method with :data:`PRELOAD` imported once in the server makes a worker
+cost a fork, not a fresh interpreter importing torch and transformers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dagster as dg
+
+from .config import ExperimentConfig
+
+PRELOAD = ["torch", "transformers", "pandas", "pyarrow", "dagster", "msif_core.api", "msif_assets.build"]
+
+
+class NotReconstructable(ValueError):
+    """The experiment was built in code, so another process cannot rebuild it."""
+
+
+def job_kwargs(cfg: ExperimentConfig, device: Any, embedder: Any, threads: int = 0) -> dict[str, Any]:
+    """The arguments :func:`experiment_definitions` rebuilds ``cfg``'s job from, in another process: the experiment
+    file, the device resource's settings (``threads``: torch threads per step, 0 = the resource's own) and
+    the embedder's model. A :class:`NotReconstructable` error when ``cfg`` came from no file."""
+    if cfg.origin is None:
+        raise NotReconstructable(
+            "parallel runs (workers > 1) rebuild the experiment in each step process from its file, but this "
+            "experiment was built in code (ExperimentConfig(...)); load it with msif_assets.config.load_config, "
+            "or run with workers = 1")
+    return {"toml": cfg.origin[0], "base_dir": cfg.origin[1], "is_demo": cfg.is_demo,
+            "device": device.device, "dtype": device.dtype,
+            "torch_threads": int(threads or device.torch_threads),
+            "retain_freed_memory": bool(device.retain_freed_memory), "embedder": embedder.model}
+
+
+def experiment_definitions(toml: str, base_dir: str, is_demo: bool, device: str, dtype: str, torch_threads: int,
+                           retain_freed_memory: bool, embedder: str) -> dg.Definitions:
+    """The definitions of the experiment file ``toml`` (paths relative to ``base_dir``) with these resources
+    (:func:`msif_assets.build.build_definitions`)."""
+    import warnings
+
+    from .build import build_definitions
+    from .config import reload_config
+    from .resources import DeviceResource, EmbedderResource
+
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)  # observable_source_asset, in every step process
+    cfg = reload_config((toml, base_dir), is_demo=is_demo)
+    defs = build_definitions(cfg, DeviceResource(device=device, dtype=dtype, torch_threads=torch_threads,
+                                                 retain_freed_memory=retain_freed_memory),
+                             EmbedderResource(model=embedder))
+    return defs
+
+
+def reconstructable_job(kwargs: dict[str, Any]):
+    """The implicit asset job of :func:`experiment_definitions` (``kwargs`` from :func:`job_kwargs`), as the
+    multiprocess executor rebuilds it in each step process (a ``ReconstructableJob``)."""
+    from dagster._core.code_pointer import CustomPointer, ModuleCodePointer
+    from dagster._core.definitions.assets.job.asset_job import IMPLICIT_ASSET_JOB_NAME
+    from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
+
+    target = ModuleCodePointer(__name__, experiment_definitions.__name__, working_directory=os.getcwd())
+    pointer = CustomPointer(target, [], [[k, v] for k, v in kwargs.items()])
+    return ReconstructableJob(repository=ReconstructableRepository(pointer), job_name=IMPLICIT_ASSET_JOB_NAME)
+
+
+TASK_TAG = "msif/task"  # a run's task id in the worker pool: how a run whose worker died is found
+
+
+class WorkerPool:
+    """``n`` worker processes, each executing one Dagster run at a time (:func:`execute_in_worker`), forked
+    from a server that imported :data:`PRELOAD` once. A worker keeps what its runs loaded (models, the
+    embedder: the resources' per-process caches) for its next runs. A worker that dies (out of memory, a
+    crash in native code) fails its own run only: its Dagster run is marked failed and a new worker takes
+    its place."""
+
+    def __init__(self, n: int, instance: dg.DagsterInstance) -> None:
+        import multiprocessing
+
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload(PRELOAD)
+        self.instance = instance
+        self.workers: list[list] = [self._spawn() for _ in range(n)]  # [process, connection, future or None]
+
+    def _spawn(self) -> list:
+        parent, child = self.ctx.Pipe()
+        proc = self.ctx.Process(target=_worker_main, args=(child,), daemon=True, name="msif-worker")
+        proc.start()
+        child.close()
+        return [proc, parent, None]
+
+    def idle(self) -> int:
+        """Workers without a run."""
+        return sum(w[2] is None for w in self.workers)
+
+    def submit(self, task: dict[str, Any]):
+        """Give ``task`` (the arguments of :func:`execute_in_worker`) to an idle worker; a Future of its run id."""
+        from concurrent.futures import Future
+
+        worker = next(w for w in self.workers if w[2] is None)
+        fut: Future = Future()
+        fut.task_id = task["tags"][TASK_TAG]  # type: ignore[attr-defined]
+        worker[1].send(task)
+        worker[2] = fut
+        return fut
+
+    def wait(self) -> None:
+        """Block until at least one worker's run has ended; settle its future (a run id, or the error of a
+        worker that died)."""
+        from multiprocessing.connection import wait
+
+        busy = [w for w in self.workers if w[2] is not None]
+        ready = set(wait([w[1] for w in busy] + [w[0].sentinel for w in busy]))
+        for i, w in enumerate(self.workers):
+            proc, conn, fut = w
+            if fut is None or not (conn in ready or proc.sentinel in ready):
+                continue
+            w[2] = None
+            if conn in ready:
+                try:
+                    kind, value = conn.recv()
+                except EOFError:
+                    kind, value = "died", None
+                if kind == "ok":
+                    fut.set_result(value)
+                    continue
+                if kind == "error":
+                    fut.set_exception(RuntimeError(value))
+                    continue
+            proc.join(timeout=5)
+            self._fail_runs_of(fut.task_id, proc.exitcode)  # type: ignore[attr-defined]
+            fut.set_exception(RuntimeError(f"the worker process died (exit code {proc.exitcode})"))
+            self.workers[i] = self._spawn()
+
+    def _fail_runs_of(self, task_id: str, exitcode: int | None) -> None:
+        for run in self.instance.get_runs(filters=dg.RunsFilter(tags={TASK_TAG: task_id})):
+            if not run.is_finished:
+                self.instance.report_run_failed(run, f"the msif worker process executing this run died (exit "
+                                                     f"code {exitcode})")
+
+    def close(self) -> None:
+        """Stop the workers (after their runs)."""
+        for _proc, conn, _ in self.workers:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for proc, conn, _ in self.workers:
+            proc.join(timeout=30)
+            if proc.is_alive():  # pragma: no cover - a worker stuck in a run
+                proc.terminate()
+            conn.close()
+
+
+def _worker_main(conn) -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("RUST_LOG", "error")
+    os.environ.setdefault("LANCE_LOG", "error")
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        try:
+            conn.send(("ok", execute_in_worker(**task)))
+        except Exception as e:  # noqa: BLE001 - reported as the run's failure by the pool's owner
+            conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def execute_in_worker(kwargs: dict[str, Any], instance_ref: Any, keys: list[str], tags: dict[str, str],
+                      run_config: dict[str, Any]) -> str:
+    """In a worker process: one run of the assets ``keys`` (and their checks) with ``tags`` (the partition's
+    among them) on the instance of ``instance_ref``, on Dagster's in-process executor; its run id (the
+    outcome is in the instance)."""
+    instance = dg.DagsterInstance.from_ref(instance_ref)
+    try:
+        result = dg.execute_job(reconstructable_job(kwargs), instance=instance, run_config=run_config, tags=tags,
+                                asset_selection=[dg.AssetKey.from_user_string(k) for k in keys],
+                                raise_on_error=False)
+        return result.run_id
+    finally:
+        instance.dispose()

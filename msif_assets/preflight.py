@@ -136,8 +136,63 @@ def _check_truth(cfg: ExperimentConfig, qid: pd.Series, truth: pd.Series, doc_id
     return []
 
 
-def preflight(cfg: ExperimentConfig) -> list[str]:
-    """Run every check above; raise one ConfigError listing all errors, else return notices and warnings."""
+CACHE_NAME = ".msif_preflight.json"  # under the lakehouse root: the key and notices of the last clean check
+
+
+def _inputs_key(cfg: ExperimentConfig) -> str:
+    """A hash of the settings and of every input file's path, size and modification time (the checkpoint
+    folders' files, the corpus, the fine-tuning data, the queries): what a passed check stays valid for."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    files: list[Path] = []
+    for folder in (cfg.pretrained, cfg.finetuned):
+        if Path(folder).is_dir():
+            files += sorted(p for p in Path(folder).iterdir() if p.is_file())
+    files += [*cfg.corpus_files(), Path(cfg.finetuning_data), Path(cfg.queries)]
+    stats = []
+    for f in files:
+        try:
+            st = f.stat()
+            stats.append((str(f), st.st_size, st.st_mtime_ns))
+        except OSError:
+            stats.append((str(f), None, None))
+    blob = json.dumps({"settings": cfg.as_dict(), "files": stats}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def preflight(cfg: ExperimentConfig, cache: bool = True) -> list[str]:
+    """Run every check above; raise one ConfigError listing all errors, else return notices and warnings.
+
+    With ``cache``, a check that passed is remembered under the lakehouse root (:data:`CACHE_NAME`) with
+    the hash of the settings and of the input files' sizes and modification times: while those are the same,
+    the notices are returned without reading the inputs again (each Dagster run process loads the
+    definitions, and with them this check: 2 s on a tiny world)."""
+    import json
+    from pathlib import Path
+
+    path = Path(cfg.root) / CACHE_NAME
+    key = _inputs_key(cfg) if cache else ""
+    if cache:
+        try:
+            hit = json.loads(path.read_text())
+            if hit.get("key") == key:
+                return list(hit["notes"])
+        except (OSError, ValueError, KeyError):
+            pass
+    notes = _preflight(cfg)
+    if cache and Path(cfg.root).is_dir():
+        from .io import write_text_atomic
+
+        try:
+            write_text_atomic(json.dumps({"key": key, "notes": notes}), path)
+        except OSError:  # a read-only lakehouse: check every time
+            pass
+    return notes
+
+
+def _preflight(cfg: ExperimentConfig) -> list[str]:
     from .config import input_errors
 
     errors = input_errors(cfg)  # and keep going: report what the other checks find too

@@ -343,3 +343,25 @@ def test_ui_opens_the_instance_msif_run_wrote_to(world, monkeypatch: pytest.Monk
     keys = {r.event_log_entry.asset_materialization.asset_key.to_user_string() for r in recs}
     assert {"influence_scores", "score_tables", "attribution_report"} <= keys
     assert sorted(keys) == sorted(set(_materialized(root)))
+
+
+def test_preflight_remembers_a_clean_check_until_an_input_changes(fresh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each Dagster run process loads the definitions and with them the input checks: a passed check is
+    remembered for the same settings and input files (sizes, modification times); a changed input file is
+    read again, and its problem found."""
+    from msif_assets import preflight as pf
+    from msif_assets.config import ConfigError, load_config
+
+    root, toml = fresh
+    cfg = load_config(toml)
+    (root / "lakehouse").mkdir(exist_ok=True)
+    first = pf.preflight(cfg)
+    calls = []
+    real = pf.check_data
+    monkeypatch.setattr(pf, "check_data", lambda c: calls.append(1) or real(c))
+    assert pf.preflight(cfg) == first and calls == []  # remembered: nothing read
+    q = root / "data" / "queries.jsonl"
+    q.write_text(q.read_text() + "{not json\n")
+    with pytest.raises(ConfigError, match="queries"):
+        pf.preflight(cfg)
+    assert calls == [1]

@@ -26,6 +26,7 @@ from typing import Any
 import dagster as dg
 
 from .config import ExperimentConfig
+from .lock import HOLDER_TAG
 
 PRELOAD = ["torch", "transformers", "pandas", "pyarrow", "dagster", "msif_core.api", "msif_assets.build"]
 
@@ -105,23 +106,35 @@ class WorkerPool:
         return [proc, parent, None]
 
     def idle(self) -> int:
-        """Workers without a run."""
+        """Workers without a run (a worker that died while idle is replaced first)."""
+        for i, w in enumerate(self.workers):
+            if w[2] is None and not w[0].is_alive():
+                w[1].close()
+                self.workers[i] = self._spawn()
         return sum(w[2] is None for w in self.workers)
 
     def submit(self, task: dict[str, Any]):
         """Give ``task`` (the arguments of :func:`execute_in_worker`) to an idle worker; a Future of its run id."""
         from concurrent.futures import Future
 
-        worker = next(w for w in self.workers if w[2] is None)
         fut: Future = Future()
         fut.task_id = task["tags"][TASK_TAG]  # type: ignore[attr-defined]
-        worker[1].send(task)
-        worker[2] = fut
-        return fut
+        for attempt in range(2):
+            i, worker = next((i, w) for i, w in enumerate(self.workers) if w[2] is None)
+            try:
+                worker[1].send(task)
+            except OSError:  # it died since idle() looked: replace it and try once more
+                self.workers[i] = self._spawn()
+                if attempt:
+                    raise
+                continue
+            worker[2] = fut
+            return fut
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def wait(self) -> None:
         """Block until at least one worker's run has ended; settle its future (a run id, or the error of a
-        worker that died)."""
+        worker that died or could not execute the run: its run, if it started one, is marked failed)."""
         from multiprocessing.connection import wait
 
         busy = [w for w in self.workers if w[2] is not None]
@@ -131,45 +144,56 @@ class WorkerPool:
             if fut is None or not (conn in ready or proc.sentinel in ready):
                 continue
             w[2] = None
+            kind, value = "died", None
             if conn in ready:
                 try:
                     kind, value = conn.recv()
                 except EOFError:
-                    kind, value = "died", None
-                if kind == "ok":
-                    fut.set_result(value)
-                    continue
-                if kind == "error":
-                    fut.set_exception(RuntimeError(value))
-                    continue
+                    pass
+            if kind == "ok":
+                fut.set_result(value)
+                continue
+            if kind == "error":
+                self._fail_runs_of(fut.task_id, f"the msif worker could not execute this run: {value}")  # type: ignore[attr-defined]
+                fut.set_exception(RuntimeError(value))
+                continue
             proc.join(timeout=5)
-            self._fail_runs_of(fut.task_id, proc.exitcode)  # type: ignore[attr-defined]
-            fut.set_exception(RuntimeError(f"the worker process died (exit code {proc.exitcode})"))
+            why = f"the worker process died (exit code {proc.exitcode})"
+            self._fail_runs_of(fut.task_id, f"{why} while it executed this run")  # type: ignore[attr-defined]
+            fut.set_exception(RuntimeError(why))
+            conn.close()
             self.workers[i] = self._spawn()
 
-    def _fail_runs_of(self, task_id: str, exitcode: int | None) -> None:
+    def _fail_runs_of(self, task_id: str, message: str) -> None:
+        """Mark the unfinished run of ``task_id`` failed and give back the pool slots its steps held (only the
+        run's own process would otherwise: every later step of the pool would wait for them)."""
         for run in self.instance.get_runs(filters=dg.RunsFilter(tags={TASK_TAG: task_id})):
             if not run.is_finished:
-                self.instance.report_run_failed(run, f"the msif worker process executing this run died (exit "
-                                                     f"code {exitcode})")
+                self.instance.report_run_failed(run, message)
+            self.instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
 
     def close(self) -> None:
-        """Stop the workers (after their runs)."""
+        """Stop the workers after their runs; the runs of a worker that has to be terminated are marked failed."""
         for _proc, conn, _ in self.workers:
             try:
                 conn.send(None)
             except OSError:
                 pass
-        for proc, conn, _ in self.workers:
+        for proc, conn, fut in self.workers:
             proc.join(timeout=30)
-            if proc.is_alive():  # pragma: no cover - a worker stuck in a run
+            if proc.is_alive():  # a worker still in a run (msif run was interrupted)
                 proc.terminate()
+                proc.join(timeout=10)
+                if fut is not None:
+                    self._fail_runs_of(fut.task_id, "msif run stopped while this run was executing")
             conn.close()
 
 
 def _worker_main(conn) -> None:
     import logging
     import warnings
+
+    from .lock import works_for
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("RUST_LOG", "error")
@@ -179,10 +203,13 @@ def _worker_main(conn) -> None:
         task = conn.recv()
         if task is None:
             return
+        works_for(task["tags"].get(HOLDER_TAG))  # this worker's steps work under that process's lock
         try:
             conn.send(("ok", execute_in_worker(**task)))
         except Exception as e:  # noqa: BLE001 - reported as the run's failure by the pool's owner
             conn.send(("error", f"{type(e).__name__}: {e}"))
+        finally:
+            works_for(None)
 
 
 def execute_in_worker(kwargs: dict[str, Any], instance_ref: Any, keys: list[str], tags: dict[str, str],

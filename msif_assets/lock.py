@@ -5,8 +5,8 @@ operating system when its process ends, so a killed run never leaves a stale loc
 naming the holder (or, with ``--no-wait``, refuses). An asset step that runs in another process (a run
 launched from the Dagster UI or by the daemon) takes it around its own work, so it waits for a running
 ``msif run`` and vice versa; steps inside the process that holds it do not take it again, nor do the step
-processes of the runs it starts itself (``msif run --workers N``): those runs carry :data:`HOLDER_TAG`,
-and a step whose run names the live process that holds the lock of its root works under that lock.
+worker processes executing its runs (``msif run --workers N``): each worker is told, per run, which live
+process it works for (:func:`works_for`), and its steps work under that process's lock.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def holder(root: Path) -> str:
 
 
 HOLDER_TAG = "msif/lakehouse_held_by"  # run tag "<pid>:<root>": a run the lock holder started itself
+_WORKS_FOR: list[str | None] = [None]  # set in a worker process of the holder while it executes the holder's run
 
 
 def held_here(root: Path) -> bool:
@@ -57,11 +58,18 @@ def holder_tag(root: Path) -> str:
     return f"{os.getpid()}:{key}"
 
 
-def works_for_holder(root: Path, tag: str | None) -> bool:
-    """Whether ``tag`` (a run's :data:`HOLDER_TAG`) names ``root`` and a live process that holds its lock now:
-    then the run's steps work under that lock."""
+def works_for(tag: str | None) -> None:
+    """Called by a worker process of the lock holder (:mod:`msif_assets.jobs`) with the :data:`HOLDER_TAG` of
+    the run it is about to execute (None after it): its steps then work under the holder's lock. Only the
+    worker itself says so, never a run's tags, which a re-executed run copies from its parent."""
+    _WORKS_FOR[0] = tag
+
+
+def works_for_holder(root: Path) -> bool:
+    """Whether this process is a worker executing a run for the live process that holds the lock of
+    ``root`` now (:func:`works_for`): then its steps work under that lock."""
     key = str(Path(root).resolve())
-    pid, _, tagged = (tag or "").partition(":")
+    pid, _, tagged = (_WORKS_FOR[0] or "").partition(":")
     if tagged != key or not pid.isdigit():
         return False
     try:
@@ -121,11 +129,10 @@ def release(root: Path) -> None:
 
 
 @contextmanager
-def locked(root: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None,
-           holder: str | None = None) -> Iterator[None]:
-    """Hold the lock of ``root`` for the block (unless this process already holds it, or ``holder``, the
-    :data:`HOLDER_TAG` of the run this step belongs to, names the live process that holds it)."""
-    if held_here(root) or works_for_holder(root, holder):
+def locked(root: Path, wait: bool = True, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold the lock of ``root`` for the block (unless this process already holds it, or works for the
+    process that does: :func:`works_for_holder`)."""
+    if held_here(root) or works_for_holder(root):
         yield
         return
     acquire(root, wait=wait, on_wait=on_wait)

@@ -137,10 +137,12 @@ def _check_truth(cfg: ExperimentConfig, qid: pd.Series, truth: pd.Series, doc_id
 
 
 CACHE_NAME = ".msif_preflight.json"  # under the lakehouse root: the key and notices of the last clean check
+CHECKS_VERSION = 1  # raise when a check is added or changed: remembered results of older checks do not count
 
 
 def _inputs_key(cfg: ExperimentConfig) -> str:
-    """A hash of the settings and of every input file's path, size and modification time (the checkpoint
+    """A hash of the checks' version, the settings and every input file's path, size, modification and change
+    times and inode (the checkpoint
     folders' files, the corpus, the fine-tuning data, the queries): what a passed check stays valid for."""
     import hashlib
     import json
@@ -155,10 +157,11 @@ def _inputs_key(cfg: ExperimentConfig) -> str:
     for f in files:
         try:
             st = f.stat()
-            stats.append((str(f), st.st_size, st.st_mtime_ns))
+            stats.append((str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         except OSError:
-            stats.append((str(f), None, None))
-    blob = json.dumps({"settings": cfg.as_dict(), "files": stats}, sort_keys=True, default=str)
+            stats.append((str(f), None, None, None, None))
+    blob = json.dumps({"checks": CHECKS_VERSION, "settings": cfg.as_dict(), "files": stats}, sort_keys=True,
+                      default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

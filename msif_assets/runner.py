@@ -352,28 +352,36 @@ class Pipeline:
         secs = time.perf_counter() - fut.started  # type: ignore[attr-defined]
         try:
             run_id = fut.result()
-        except RuntimeError as e:  # the worker process died, or could not start the run
-            names = [k.to_user_string() for k in keys]
-            where = f" [{partition}]" if partition else ""
-            self.echo(f"  FAIL {', '.join(names)}{where} ({secs:.1f}s)\n       {e}")
-            return RunRecord(partition, names, False, secs, "", str(e), 0.0, names, names)
+        except RuntimeError as e:  # the worker process died, or could not execute the run
+            from .jobs import TASK_TAG
+
+            runs = self.instance.get_runs(filters=dg.RunsFilter(tags={TASK_TAG: fut.task_id}))  # type: ignore
+            events = [x.dagster_event for x in self.instance.all_logs(runs[0].run_id)
+                      if x.dagster_event is not None] if runs else []
+            started = {x.step_key for x in events if x.event_type == dg.DagsterEventType.STEP_START}
+            ended = {x.step_key for x in events if x.event_type == dg.DagsterEventType.STEP_SUCCESS}
+            return self._record(keys, partition, _Finished(runs[0].run_id if runs else "", False, events), secs,
+                                error=str(e), errored=started - ended)
         run = self.instance.get_run_by_id(run_id)
         events = [e.dagster_event for e in self.instance.all_logs(run_id) if e.dagster_event is not None]
         finished = _Finished(run_id, run is not None and run.status == dg.DagsterRunStatus.SUCCESS, events)
         return self._record(keys, partition, finished, secs)
 
-    def _record(self, keys: list[dg.AssetKey], partition: str | None, result, secs: float) -> RunRecord:
-        """The :class:`RunRecord` of a finished run (its line echoed)."""
+    def _record(self, keys: list[dg.AssetKey], partition: str | None, result, secs: float,
+                error: str | None = None, errored: set[str] | None = None) -> RunRecord:
+        """The :class:`RunRecord` of a finished run (its line echoed); ``error`` and ``errored`` (the steps at
+        fault) for a run whose worker died, which leaves no failure events."""
         names = [k.to_user_string() for k in keys]
         err = None
         done = {e.asset_key.to_user_string() for e in result.all_events
                 if e.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION and e.asset_key is not None}
         failed = [n for n in names if n not in done] if not result.success else []
-        errored = {e.step_key for e in result.all_events if e.is_step_failure}
+        if errored is None:
+            errored = {e.step_key for e in result.all_events if e.is_step_failure}
         if not result.success:
             msgs = [_root_cause(e.event_specific_data.error) for e in result.all_events
                     if e.is_step_failure and e.event_specific_data and e.event_specific_data.error]
-            err = " | ".join(msgs) or "run failed"
+            err = error or " | ".join(msgs) or "run failed"
             failed = failed or names
         step_s = sum(e.event_specific_data.duration_ms / 1000 for e in result.all_events
                      if e.event_type == dg.DagsterEventType.STEP_SUCCESS and e.event_specific_data)

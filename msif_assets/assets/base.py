@@ -263,14 +263,14 @@ FAULT_ENV = "MSIF_FAULT"  # "asset" or "asset[partition]": that step's process e
 
 def run_step(n: Node, step: Step) -> dg.MaterializeResult:
     """An asset's code under the lakehouse lock, its written files fingerprinted into the metadata."""
-    from ..lock import HOLDER_TAG, locked
+    from ..lock import locked
     from ..outputs import OUTPUTS_KEY, ROOT_KEY, fingerprint
 
     root = Path(step.cfg.root)
     fault = os.environ.get(FAULT_ENV)
     if fault and fault in (n.name, f"{n.name}[{step.key if n.partitions is not None else ''}]"):
         os._exit(70)  # a process that dies (out of memory, a crash in native code): no exception, no cleanup
-    with locked(root, on_wait=step.log.info, holder=step.context.run.tags.get(HOLDER_TAG)):
+    with locked(root, on_wait=step.log.info):
         res = n.fn(step)
         if n.outputs is None:
             return res

@@ -1,9 +1,10 @@
 """``msif run --workers N``: Dagster runs at once in worker processes, the same tables as one worker.
 
 A four-shard world through ``msif run --workers 1`` (every run in msif's process) and, in a copy of it,
-``msif run --workers 2`` (two runs at once, each in a worker process) where one partition's step kills its
-worker: that partition fails alone (its run marked failed in the instance), the others complete, and the
-next ``msif run --workers 2`` redoes that partition and no other. Then the score tables are the same as
+``msif run --workers 2`` (two runs at once, each in a worker process) then forced again
+while one partition's step kills its worker: that partition fails alone (its run marked failed in the
+instance), the others complete, and the next ``msif run --workers 2`` redoes that partition (materialised
+before, so only its failed attempt says it is out of date) and no other. Then the score tables are the same as
 one worker's, and the instance shows runs that overlapped in time, executed by worker processes (not msif's).
 """
 
@@ -44,19 +45,25 @@ def _instance(root: Path) -> dg.DagsterInstance:
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    """One world through one worker; a copy through two workers, where the step of one partition kills its
-    worker process, then ``msif run --workers 2`` again."""
+    """One world through one worker; a copy through two workers, then forced again while the step of one
+    (already materialised) partition kills its worker process, then ``msif run --workers 2`` again."""
     one = tmp_path_factory.mktemp("one_worker")
     build_world(one, n_docs=48, shard_size=12, candidates=4, methods=METHODS)
     two = tmp_path_factory.mktemp("two_workers")
     shutil.copytree(one, two, dirs_exist_ok=True)
     r1 = _msif(one / "experiment.toml", "--workers", "1")
     assert r1.returncode == 0, r1.stdout + r1.stderr
-    crashed = _msif(two / "experiment.toml", "--workers", "2", env={"MSIF_FAULT": "influence_scores[shard_00002]"})
+    r2 = _msif(two / "experiment.toml", "--workers", "2")
+    assert r2.returncode == 0, r2.stdout + r2.stderr
+    with _instance(two) as inst:
+        before = latest_storage_id(inst)
+    # every partition recomputed; the worker executing shard_00002's scores dies in its step
+    crashed = _msif(two / "experiment.toml", "--workers", "2", "--force",
+                    env={"MSIF_FAULT": "influence_scores[shard_00002]"})
     with _instance(two) as inst:
         mark = latest_storage_id(inst)
         failed = inst.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
-        done = materializations_since(inst, 0)
+        done = materializations_since(inst, before)
     again = _msif(two / "experiment.toml", "--workers", "2")
     with _instance(two) as inst:
         redone = materializations_since(inst, mark)
@@ -69,6 +76,7 @@ def test_a_dead_worker_fails_its_partition_only(worlds) -> None:
     assert crashed.returncode == 1, crashed.stdout + crashed.stderr
     assert "FAIL influence_scores [shard_00002]" in crashed.stdout and "worker process died" in crashed.stdout, \
         crashed.stdout
+    assert "FAIL" not in crashed.stdout.replace("FAIL influence_scores [shard_00002]", ""), crashed.stdout
     assert [x.tags.get("dagster/partition") for x in r["failed"]] == ["shard_00002"]  # marked failed
     assert ("influence_scores", "shard_00002") not in done
     assert {("influence_scores", s) for s in SHARDS if s != "shard_00002"} <= done

@@ -8,14 +8,12 @@ step): a step process loads the models and the embedder again for every step (me
 world: 4-5 s of each corpus step, the whole run 4x slower than one worker), where a worker keeps them for its
 next runs; a worker that dies fails its own run only.
 
-``execute_job`` needs a *reconstructable* job: each worker imports
-:func:`experiment_definitions` and calls it with the same arguments (plain strings and numbers, recorded in
-the run), reads the experiment file again (:func:`msif_assets.config.reload_config`), builds the same
-definitions, resources included, and takes their implicit asset job (every asset, any partitions). Dagster's
-public ``build_reconstructable_job`` wraps a job in a repository of its own, where the implicit asset job's
-name is reserved, so :func:`reconstructable_job` points Dagster's ``ReconstructableJob`` at the definitions
-themselves. The forkserver start method with :data:`PRELOAD` imported once in the server makes a worker
-cost a fork, not a fresh interpreter importing torch and transformers.
+``execute_job`` needs a *reconstructable* job: the worker builds it with :func:`experiment_job` from plain
+strings and numbers (recorded in the run): it reads the experiment file again
+(:func:`msif_assets.config.reload_config`), builds the same definitions, resources included, and an asset job
+of the run's assets (they share a partitions definition; the implicit job of all assets cannot be rebuilt
+this way, its name is reserved). The forkserver start method with :data:`PRELOAD` imported once in the server
+makes a worker cost a fork, not a fresh interpreter importing torch and transformers.
 """
 
 from __future__ import annotations
@@ -36,12 +34,12 @@ class NotReconstructable(ValueError):
 
 
 def job_kwargs(cfg: ExperimentConfig, device: Any, embedder: Any, threads: int = 0) -> dict[str, Any]:
-    """The arguments :func:`experiment_definitions` rebuilds ``cfg``'s job from, in another process: the experiment
+    """The arguments :func:`experiment_job` rebuilds ``cfg``'s jobs from, in another process: the experiment
     file, the device resource's settings (``threads``: torch threads per step, 0 = the resource's own) and
     the embedder's model. A :class:`NotReconstructable` error when ``cfg`` came from no file."""
     if cfg.origin is None:
         raise NotReconstructable(
-            "parallel runs (workers > 1) rebuild the experiment in each step process from its file, but this "
+            "parallel runs (workers > 1) rebuild the experiment in each worker process from its file, but this "
             "experiment was built in code (ExperimentConfig(...)); load it with msif_assets.config.load_config, "
             "or run with workers = 1")
     return {"toml": cfg.origin[0], "base_dir": cfg.origin[1], "is_demo": cfg.is_demo,
@@ -50,34 +48,35 @@ def job_kwargs(cfg: ExperimentConfig, device: Any, embedder: Any, threads: int =
             "retain_freed_memory": bool(device.retain_freed_memory), "embedder": embedder.model}
 
 
-def experiment_definitions(toml: str, base_dir: str, is_demo: bool, device: str, dtype: str, torch_threads: int,
-                           retain_freed_memory: bool, embedder: str) -> dg.Definitions:
-    """The definitions of the experiment file ``toml`` (paths relative to ``base_dir``) with these resources
-    (:func:`msif_assets.build.build_definitions`)."""
+RUN_JOB = "msif_run"  # the job of one run: the group of assets (of one partitions definition) it materialises
+
+
+def experiment_job(toml: str, base_dir: str, is_demo: bool, device: str, dtype: str, torch_threads: int,
+                   retain_freed_memory: bool, embedder: str, keys: list[str]) -> dg.JobDefinition:
+    """The job materialising the assets ``keys`` (and their checks) of the experiment file ``toml`` (paths
+    relative to ``base_dir``) with these resources (:func:`msif_assets.build.build_definitions`): one run's
+    job. ``keys`` share a partitions definition, as the runs of :class:`msif_assets.runner.Pipeline` do."""
     import warnings
 
     from .build import build_definitions
     from .config import reload_config
     from .resources import DeviceResource, EmbedderResource
 
-    warnings.filterwarnings("ignore", category=dg.BetaWarning)  # observable_source_asset, in every step process
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)  # observable_source_asset, in every worker
     cfg = reload_config((toml, base_dir), is_demo=is_demo)
     defs = build_definitions(cfg, DeviceResource(device=device, dtype=dtype, torch_threads=torch_threads,
                                                  retain_freed_memory=retain_freed_memory),
                              EmbedderResource(model=embedder))
-    return defs
+    job = dg.define_asset_job(RUN_JOB, selection=dg.AssetSelection.assets(*(dg.AssetKey.from_user_string(k)
+                                                                            for k in keys)))
+    return dg.Definitions.merge(defs, dg.Definitions(jobs=[job])).resolve_job_def(RUN_JOB)
 
 
-def reconstructable_job(kwargs: dict[str, Any]):
-    """The implicit asset job of :func:`experiment_definitions` (``kwargs`` from :func:`job_kwargs`), as the
-    multiprocess executor rebuilds it in each step process (a ``ReconstructableJob``)."""
-    from dagster._core.code_pointer import CustomPointer, ModuleCodePointer
-    from dagster._core.definitions.assets.job.asset_job import IMPLICIT_ASSET_JOB_NAME
-    from dagster._core.definitions.reconstruct import ReconstructableJob, ReconstructableRepository
-
-    target = ModuleCodePointer(__name__, experiment_definitions.__name__, working_directory=os.getcwd())
-    pointer = CustomPointer(target, [], [[k, v] for k, v in kwargs.items()])
-    return ReconstructableJob(repository=ReconstructableRepository(pointer), job_name=IMPLICIT_ASSET_JOB_NAME)
+def reconstructable_job(kwargs: dict[str, Any], keys: list[str]) -> dg.ReconstructableJob:
+    """:func:`experiment_job` of ``keys`` (``kwargs`` from :func:`job_kwargs`) as ``execute_job`` needs it."""
+    return dg.build_reconstructable_job(__name__, experiment_job.__name__,
+                                        reconstructable_kwargs={**kwargs, "keys": list(keys)},
+                                        reconstructor_working_directory=os.getcwd())
 
 
 TASK_TAG = "msif/task"  # a run's task id in the worker pool: how a run whose worker died is found
@@ -219,9 +218,8 @@ def execute_in_worker(kwargs: dict[str, Any], instance_ref: Any, keys: list[str]
     outcome is in the instance)."""
     instance = dg.DagsterInstance.from_ref(instance_ref)
     try:
-        result = dg.execute_job(reconstructable_job(kwargs), instance=instance, run_config=run_config, tags=tags,
-                                asset_selection=[dg.AssetKey.from_user_string(k) for k in keys],
-                                raise_on_error=False)
+        result = dg.execute_job(reconstructable_job(kwargs, keys), instance=instance, run_config=run_config,
+                                tags=tags, raise_on_error=False)
         return result.run_id
     finally:
         instance.dispose()

@@ -35,7 +35,7 @@ class NotReconstructable(ValueError):
 
 def job_kwargs(cfg: ExperimentConfig, device: Any, embedder: Any, threads: int = 0) -> dict[str, Any]:
     """The arguments :func:`experiment_job` rebuilds ``cfg``'s jobs from, in another process: the experiment
-    file, the device resource's settings (``threads``: torch threads per step, 0 = the resource's own) and
+    file, the device resource's settings (``threads``: torch threads per worker, 0 = the resource's own) and
     the embedder's model. A :class:`NotReconstructable` error when ``cfg`` came from no file."""
     if cfg.origin is None:
         raise NotReconstructable(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -97,7 +97,7 @@ class Pipeline:
         self.workers = max(1, int(workers))
         self.echo = echo or (lambda s: log.info(s))
         self.graph = defs.resolve_asset_graph()
-        self.log_level = log_level
+        self._run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
         self.assets = {a.key: a for a in defs.assets if isinstance(a, dg.AssetsDefinition) and a.is_materializable}
         self.checks = [c for c in (defs.asset_checks or [])]
         self.resources = defs.resources or {}
@@ -106,7 +106,7 @@ class Pipeline:
         self._job_kwargs = self._reconstruction() if self.workers > 1 else None
 
     def _reconstruction(self) -> dict:
-        """What the worker and step processes rebuild the definitions from (:mod:`msif_assets.jobs`), with this
+        """What the worker processes rebuild each run's job from (:mod:`msif_assets.jobs`), with this
         pipeline's resources; torch threads shared out between the workers."""
         import os
 
@@ -114,8 +114,8 @@ class Pipeline:
 
         if self.instance.is_ephemeral:
             raise ValueError("parallel runs (workers > 1) need a Dagster instance on disk (DAGSTER_HOME or "
-                             "DagsterInstance.local_temp), not an ephemeral one: each step process records its "
-                             "events there")
+                             "DagsterInstance.local_temp), not an ephemeral one: each worker process records its "
+                             "runs' events there")
         threads = max(1, (os.cpu_count() or 1) // self.workers)
         return job_kwargs(self.cfg, self.resources["device"], self.resources["embedder"], threads)
 
@@ -273,7 +273,11 @@ class Pipeline:
         skipped = skipped if skipped is not None else set()
         running: dict[Future, tuple[set[Unit], str | None, list[dg.AssetKey]]] = {}
         busy: set[Unit] = set()
-        pool = self._workers_pool() if self.workers > 1 else None
+        pool = None
+        if self.workers > 1:
+            from .jobs import WorkerPool
+
+            pool = WorkerPool(self.workers, self.instance)
         try:
             while pending or running:
                 while len(running) < self.workers and (pool is None or pool.idle()):
@@ -284,8 +288,8 @@ class Pipeline:
                     busy |= group
                     part = next(iter(group))[1]
                     keys = [k for k, _ in sorted(group, key=lambda u: self._rank[u[0]])]
-                    fut: Future = Future()
                     if pool is None:
+                        fut: Future = Future()
                         fut.set_result(self._run(keys, part))
                     else:
                         fut = self._submit(pool, keys, part)
@@ -294,7 +298,7 @@ class Pipeline:
                     raise RuntimeError(f"cannot order {pending}")
                 if pool is not None and not any(f.done() for f in running):
                     pool.wait()
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                done = [f for f in running if f.done()]
                 for fut in sorted(done, key=lambda f: min(self._rank[u[0]] for u in running[f][0])):
                     group, part, keys = running.pop(fut)
                     busy -= group
@@ -318,14 +322,8 @@ class Pipeline:
         result = dg.materialize(
             [self.assets[k] for k in keys] + checks, instance=self.instance, partition_key=partition,
             resources=self.resources, raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": self.log_level}}}},
-            tags={"msif/driver": "msif run"})
+            run_config=self._run_config, tags={"msif/driver": "msif run"})
         return self._record(keys, partition, result, time.perf_counter() - t0)
-
-    def _workers_pool(self):
-        from .jobs import WorkerPool
-
-        return WorkerPool(self.workers, self.instance)
 
     def _submit(self, pool, keys: list[dg.AssetKey], partition: str | None) -> Future:
         """Start one run of ``keys`` (and their checks) for ``partition`` in a worker process
@@ -341,9 +339,8 @@ class Pipeline:
         if partition is not None:
             tags["dagster/partition"] = partition
         tags[TASK_TAG] = uuid.uuid4().hex
-        run_config = {"loggers": {"console": {"config": {"log_level": self.log_level}}}}
         fut = pool.submit({"kwargs": self._job_kwargs, "instance_ref": self.instance.get_ref(),
-                           "keys": [k.to_user_string() for k in keys], "tags": tags, "run_config": run_config})
+                           "keys": [k.to_user_string() for k in keys], "tags": tags, "run_config": self._run_config})
         fut.started = time.perf_counter()  # type: ignore[attr-defined]
         return fut
 

@@ -104,3 +104,63 @@ def test_runs_overlapped_in_two_worker_processes(worlds) -> None:
                     if e.dagster_event is not None and e.dagster_event.event_type == dg.DagsterEventType.STEP_START}
     msif_pid = json.loads((two / "lakehouse" / ".msif.lock").read_text())["pid"]  # the run that held the lakehouse
     assert len(run_pids) >= 2 and msif_pid not in run_pids, (run_pids, msif_pid)  # worker processes (one replaced)
+
+
+POOL_TOY = '''
+import json
+import pathlib
+import time
+import dagster as dg
+
+def _step(name):
+    t = time.time()
+    time.sleep(1.5)
+    (pathlib.Path(__file__).parent / f"{name}.json").write_text(json.dumps([t, time.time()]))
+
+@dg.asset(pool="msif_accelerator")
+def a():
+    _step("a")
+
+@dg.asset(pool="msif_accelerator")
+def b():
+    _step("b")
+
+def toy_job(name):
+    defs = dg.Definitions(assets=[a, b], jobs=[dg.define_asset_job(name, selection=[name])],
+                          executor=dg.in_process_executor)
+    return defs.resolve_job_def(name)
+
+def run(home, folder, name):
+    inst = dg.DagsterInstance.from_config(home)
+    job = dg.build_reconstructable_job("pool_toy", "toy_job", reconstructable_args=(name,),
+                                       reconstructor_working_directory=folder)
+    assert dg.execute_job(job, inst).success
+'''
+
+
+def test_the_accelerator_pool_caps_steps_across_worker_processes(tmp_path: Path) -> None:
+    """What keeps the runs of `--workers N` off one GPU at once: with dagster_project/dagster.yaml's pool limit
+    of 1, two runs executed by execute_job in two processes never run their pool steps together."""
+    import multiprocessing
+
+    (tmp_path / "pool_toy.py").write_text(POOL_TOY)
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[2] / "dagster_project" / "dagster.yaml", home / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(home)):  # create the instance's databases once, before two processes do
+        pass
+    sys.path.insert(0, str(tmp_path))  # the spawned processes import the toy module from there too
+    try:
+        import pool_toy
+
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=pool_toy.run, args=(str(home), str(tmp_path), n)) for n in ("a", "b")]
+        for p in procs:
+            p.start()
+    finally:
+        sys.path.remove(str(tmp_path))
+    for p in procs:
+        p.join(timeout=240)
+    assert [p.exitcode for p in procs] == [0, 0]
+    spans = sorted(json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "b"))
+    assert spans[1][0] >= spans[0][1], spans  # the second step started after the first ended

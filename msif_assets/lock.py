@@ -140,3 +140,37 @@ def locked(root: Path, wait: bool = True, on_wait: Callable[[str], None] | None 
         yield
     finally:
         release(root)
+
+
+@contextmanager
+def pool_slot(folder: Path, pool: str, limit: int, on_wait: Callable[[str], None] | None = None,
+              poll_s: float = 0.2) -> Iterator[int]:
+    """Hold one of ``limit`` slot files ``<folder>/<pool>.<i>.lock`` (``fcntl.flock``) for the block; yields
+    the slot's number. Waits (calling ``on_wait`` once) while all are held.
+
+    Why, beside Dagster's own pool: with the SQLite storage of a local instance, Dagster's claim of a pool
+    slot is a SELECT then an UPDATE (``FOR UPDATE`` means nothing to SQLite), so two steps that claim at the
+    same instant in two processes can both get the one slot (seen here: two runs of ``--workers 2``
+    started their pool steps 4 ms apart and overlapped). The file locks make the pool's limit hold between
+    the processes of one machine, whatever the storage; the OS releases them when a process dies.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    told = False
+    while True:
+        for i in range(max(1, limit)):
+            fd = os.open(folder / f"{pool}.{i}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            try:
+                yield i
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+            return
+        if not told and on_wait is not None:
+            on_wait(f"all {limit} slot(s) of the pool {pool} are in use on this machine; waiting for one")
+            told = True
+        time.sleep(poll_s)

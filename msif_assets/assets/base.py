@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,7 +252,7 @@ def build(nodes: Sequence[Node], cfg: ExperimentConfig, embedder_name: str,
                   automation_condition=automation_condition(ignored[n.name]), kinds=set(n.kinds) or None,
                   required_resource_keys=set(n.resources), **kw)
         def compute(context) -> dg.MaterializeResult:  # unannotated: the string annotation would be refused
-            return run_step(n, Step(context, cfg, embedder_name))
+            return run_step(n, Step(context, cfg, embedder_name), pooled=bool(kw))
 
         return compute
 
@@ -261,8 +262,29 @@ def build(nodes: Sequence[Node], cfg: ExperimentConfig, embedder_name: str,
 FAULT_ENV = "MSIF_FAULT"  # "asset" or "asset[partition]": that step's process exits at once (tests of crashes)
 
 
-def run_step(n: Node, step: Step) -> dg.MaterializeResult:
-    """An asset's code under the lakehouse lock, its written files fingerprinted into the metadata."""
+@contextmanager
+def pool_turn(context: dg.AssetExecutionContext, pool: str = POOL) -> Iterator[None]:
+    """Hold one of this machine's slots of ``pool`` (as many as the instance's limit of it,
+    :func:`msif_assets.lock.pool_slot`) for the block: Dagster's own claim can let two processes through at
+    once on a SQLite instance. No limit on the instance (or no local instance folder): nothing is held."""
+    from ..lock import pool_slot
+
+    inst = context.instance
+    try:
+        limit = inst.event_log_storage.get_concurrency_info(pool).limit
+        folder = Path(inst.root_directory) / ".msif_pools"
+    except Exception:  # noqa: BLE001 - a storage without pools, an instance without a folder: Dagster's cap only
+        limit = None
+    if not limit:
+        yield
+        return
+    with pool_slot(folder, pool, limit, on_wait=context.log.info):
+        yield
+
+
+def run_step(n: Node, step: Step, pooled: bool = False) -> dg.MaterializeResult:
+    """An asset's code under the lakehouse lock (and, when ``pooled``, in a slot of the accelerator pool:
+    :func:`pool_turn`), its written files fingerprinted into the metadata."""
     from ..lock import locked
     from ..outputs import OUTPUTS_KEY, ROOT_KEY, fingerprint
 
@@ -270,7 +292,7 @@ def run_step(n: Node, step: Step) -> dg.MaterializeResult:
     fault = os.environ.get(FAULT_ENV)
     if fault and fault in (n.name, f"{n.name}[{step.key if n.partitions is not None else ''}]"):
         os._exit(70)  # a process that dies (out of memory, a crash in native code): no exception, no cleanup
-    with locked(root, on_wait=step.log.info):
+    with locked(root, on_wait=step.log.info), (pool_turn(step.context) if pooled else nullcontext()):
         res = n.fn(step)
         if n.outputs is None:
             return res

@@ -25,6 +25,7 @@ from helpers.core import (
     sampled_labels,
     sampled_targets,
     tiny_model,
+    tol_for,
     with_labels,
 )
 
@@ -55,22 +56,23 @@ def models():
     return {arch: tiny_model(arch, seed=1) for arch in ARCHS}
 
 
-def _check_factors(model, specs, enc, settings, bf_cov: BruteRun, bf_lam: BruteRun):
+def _check_factors(model, specs, enc, settings, bf_cov: BruteRun, bf_lam: BruteRun, tol: float = 1e-9):
     sums = covariance_sums(model, specs, enc, settings, PAD)
     assert sums.tokens == bf_cov.tokens == enc.n_tokens  # padding never counted
     assert sums.sequences == len(enc)
     for s in specs:
-        assert_scaled_close(sums.a[s.name], bf_cov.a_sum[s.name], f"A sum of {s.name}")
-        assert_scaled_close(sums.s[s.name], bf_cov.s_sum[s.name], f"S sums of {s.name}")
+        assert_scaled_close(sums.a[s.name], bf_cov.a_sum[s.name], f"A sum of {s.name}", tol)
+        assert_scaled_close(sums.s[s.name], bf_cov.s_sum[s.name], f"S sums of {s.name}", tol)
     f = fit_ekfac(model, specs, enc, settings, PAD)
     assert f.manifest["tokens"] == enc.n_tokens and f.manifest["sequences"] == len(enc)
     for s in specs:
-        assert_eigenbasis(f.q_a[s.name], bf_cov.a_sum[s.name] / bf_cov.tokens, f"Q_A of {s.name}")
+        assert_eigenbasis(f.q_a[s.name], bf_cov.a_sum[s.name] / bf_cov.tokens, f"Q_A of {s.name}", max(tol, 1e-10))
         for j, b in enumerate(s.blocks):
-            assert_eigenbasis(f.q_s[s.name][j], bf_cov.s_sum[s.name][j] / bf_cov.tokens, f"Q_S of {b.name}")
+            assert_eigenbasis(f.q_s[s.name][j], bf_cov.s_sum[s.name][j] / bf_cov.tokens, f"Q_S of {b.name}",
+                              max(tol, 1e-10))
     lam = bf_lam.lam(f.q_a, f.q_s)
     for s in specs:
-        assert_scaled_close(f.lam[s.name], lam[s.name], f"Λ of {s.name}")
+        assert_scaled_close(f.lam[s.name], lam[s.name], f"Λ of {s.name}", tol)
     return f
 
 
@@ -82,7 +84,8 @@ def test_empirical_fisher_factors_match_brute_force(models, arch, kind):
     assert any(s.has_bias for s in specs) != (arch in BIASLESS), "the tiny models must exercise the bias column"
     assert any(s.n_blocks > 1 for s in specs), "attention q/k/v must be split per head"
     bf = BruteRun(model, specs, loss_closures(model, enc))
-    _check_factors(model, specs, enc, FitSettings(fisher="empirical", batch_size=batch_for(arch, BATCH)), bf, bf)
+    _check_factors(model, specs, enc, FitSettings(fisher="empirical", batch_size=batch_for(arch, BATCH)), bf, bf,
+                   tol_for(arch))
 
 
 def test_user_tagged_modules_match_brute_force(models):
@@ -120,7 +123,7 @@ def test_true_fisher_factors_match_brute_force(models, arch, kind):
     n_resampled = sum(t != x for i in range(len(enc)) for t, x in zip(targets[i], enc.input_ids[i]))
     assert n_resampled > 0
     bf = BruteRun(model, specs, loss_closures(model, enc, targets))
-    f = _check_factors(model, specs, enc, settings, bf, bf)
+    f = _check_factors(model, specs, enc, settings, bf, bf, tol_for(arch))
     emp = BruteRun(model, specs, loss_closures(model, enc)).lam(f.q_a, f.q_s)
     name = specs[-1].name
     assert not torch.allclose(f.lam[name], emp[name], rtol=1e-3), "true Fisher must not equal the empirical one"
@@ -170,7 +173,7 @@ def test_long_sequence_factors_match_brute_force(models, arch):
     settings = FitSettings(fisher="true", batch_size=2, seed=3)
     bf = BruteRun(model, specs, loss_closures(model, LONG_DOCS, sampled_targets(model, LONG_DOCS, 2,
                                                                                  settings.generator())))
-    _check_factors(model, specs, LONG_DOCS, settings, bf, bf)
+    _check_factors(model, specs, LONG_DOCS, settings, bf, bf, tol_for(arch))
 
 
 @pytest.mark.parametrize("docs", [DOCS, LONG_DOCS], ids=["short", "long"])
@@ -364,12 +367,12 @@ def test_shard_sums_merge_to_the_full_pass(models):
     merged = merge_all(parts)
     assert (merged.tokens, merged.sequences) == (full.tokens, full.sequences)
     for s in specs:
-        assert_scaled_close(merged.a[s.name], full.a[s.name], "merged A")
-        assert_scaled_close(merged.s[s.name], full.s[s.name], "merged S")
+        assert_scaled_close(merged.a[s.name], full.a[s.name], "merged A", tol_for("bloom"))
+        assert_scaled_close(merged.s[s.name], full.s[s.name], "merged S", tol_for("bloom"))
     basis = eigenbasis(full)
     lam_full = lambda_sums(model, specs, DOCS, basis, settings, PAD)
     lam_merged = merge_all(lambda_sums(model, specs, DOCS.subset(ix), basis, settings, PAD)
                            for ix in ([0, 1, 2], [3, 4, 5, 6]))
     assert lam_merged.sequences == lam_full.sequences == len(DOCS)
     for s in specs:
-        assert_scaled_close(lam_merged.lam[s.name], lam_full.lam[s.name], "merged Λ")
+        assert_scaled_close(lam_merged.lam[s.name], lam_full.lam[s.name], "merged Λ", tol_for("bloom"))

@@ -29,6 +29,7 @@ from helpers.core import (
     rel_err,
     sequence_grads,
     tiny_model,
+    tol_for,
     with_labels,
 )
 from helpers.scoring import DAMP_FT, DAMP_PT, FULL_RANK, world
@@ -236,8 +237,8 @@ def test_batch_size_and_padding_do_not_change_scores():
     ref = score_documents(w.pt, ih, w.docs, batch_size=1, pad_id=PAD)
     for bs, pad, strategy in ((3, PAD, "gradient"), (7, 11, "low_rank"), (2, 30, "auto")):
         res = score_documents(w.pt, ih, w.docs, batch_size=bs, pad_id=pad, strategy=strategy)
-        assert rel_err(res.by_block, ref.by_block) < 1e-9
-        np.testing.assert_allclose(res.losses, ref.losses, rtol=1e-12)
+        assert rel_err(res.by_block, ref.by_block) < tol_for("bloom")
+        np.testing.assert_allclose(res.losses, ref.losses, rtol=tol_for("bloom", 1e-12))
 
 
 def test_auto_contraction_mixing_strategies_across_grouped_batches():
@@ -310,9 +311,11 @@ def test_save_load_round_trips(tmp_path):
         ih2 = QueryIHVPs.load(ih.save(tmp_path / f"ihvp{rank}"))
         assert (ih2.method, ih2.rank, ih2.n_queries, ih2.specs) == ("ms_if", rank, 3, ih.specs)
         assert ih2.manifest["damping_pt"] == DAMP_PT and ih2.manifest["damping_ft"] == DAMP_FT
+        for n in ih.specs:
+            torch.testing.assert_close(ih2.matrix(n), ih.matrix(n), rtol=0, atol=0)  # stored bit for bit
         a = score_documents(w.pt, ih, w.docs, batch_size=3, pad_id=PAD).scores
         b = score_documents(w.pt, ih2, w.docs, batch_size=3, pad_id=PAD).scores
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=1e-12)  # not bit for bit: MKL's sums can vary run to run
 
 
 def test_finetune_with_a_replaced_classification_head(tmp_path):

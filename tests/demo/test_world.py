@@ -125,6 +125,8 @@ def test_qa_format(world) -> None:
         ({"filler_per_doc_min": 3, "filler_per_doc_max": 1}, "filler_per_doc"),
         ({"n_filler_docs": -1}, "n_filler_docs"),
         ({"n_entities": 10**7, "n_test_entities": 1}, "distinct names"),
+        ({"alias_share": 1.5}, "alias_share"),
+        ({"alias_share": 0.5, "alias_link_docs": 0}, "alias_link_docs"),
     ],
 )
 def test_validate_rejects_impossible_params(changes, message) -> None:
@@ -209,3 +211,53 @@ def test_build_demo_tiny_writes_and_reuses(tmp_path: Path) -> None:
     rebuilt = build_demo(out, other)
     assert not rebuilt.reused and rebuilt.report["params_hash"] == other.params_hash() != params.params_hash()
     assert rebuilt.complete() and (out / "keep.txt").exists()
+
+
+ALIASED = dataclasses.replace(SMALL, alias_share=0.5)
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
+
+
+def test_alias_world_states_facts_under_aliases_only() -> None:
+    """alias_share = 0.5: half of the training and half of the test entities have an alias; their facts are
+    stated only under it (no document stating an aliased fact contains a word of the real name), the link
+    "<name> ... <alias>" is in alias_link_docs documents of its own, questions keep the real name, and the
+    rest of the world is the one drawn without aliases."""
+    plain, w = generate_world(SMALL), generate_world(ALIASED)
+    assert len(w.aliases) == round(0.5 * 32) + round(0.5 * 8)
+    assert sum(e in w.aliases for e in w.test_entities) == 4
+    by_id = {d.doc_id: d for d in w.documents}
+    names = {part for e in w.entities for part in _words(e)}
+    for q in w.queries:
+        answer = q.completion.strip()
+        if not q.alias:
+            assert q.entity not in w.aliases and not q.link_doc_ids
+            continue
+        assert q.alias == w.aliases[q.entity] and not _words(q.alias) & names  # no part of any real name
+        assert q.prompt == qa_prompt(q.relation, q.entity)
+        stated = _statements(q.relation, q.alias, answer)
+        assert {d.doc_id for d in w.documents if any(s in d.text for s in stated)} == set(q.true_doc_ids)
+        assert all(not _words(by_id[i].text) & _words(q.entity) for i in q.true_doc_ids)
+        assert len(q.link_doc_ids) == ALIASED.alias_link_docs
+        for i in q.link_doc_ids:
+            assert q.entity in by_id[i].text and q.alias in by_id[i].text and not by_id[i].fact_ids
+    mentions = {e: sum(e in d.text for d in w.documents) for e in w.aliases}
+    assert all(n == ALIASED.alias_link_docs for n in mentions.values())  # the real name: in its links only
+    assert len(w.documents) == len(plain.documents) + len(w.aliases) * ALIASED.alias_link_docs
+    assert w.entities == plain.entities and set(w.finetune) == set(plain.finetune)
+    assert sorted(d.text for d in w.documents if d.fact_ids and not any(a in d.text for a in w.aliases.values())) \
+        == sorted(d.text for d in plain.documents
+                  if d.fact_ids and not any(e in d.text for e in w.aliases))
+
+
+def test_alias_queries_round_trip_and_plain_rows_are_unchanged(tmp_path: Path) -> None:
+    save_world(generate_world(ALIASED), tmp_path / "a")
+    save_world(generate_world(SMALL), tmp_path / "p")
+    rows = read_jsonl(tmp_path / "a" / "queries.jsonl")
+    assert {tuple(sorted(r)) for r in rows} == {
+        ("completion", "entity", "prompt", "query_id", "relation", "true_doc_ids"),
+        ("alias", "completion", "entity", "link_doc_ids", "prompt", "query_id", "relation", "true_doc_ids")}
+    assert "alias" not in (tmp_path / "p" / "queries.jsonl").read_text()
+    assert "alias_share" not in SMALL.to_dict() and ALIASED.to_dict()["alias_share"] == 0.5

@@ -339,13 +339,13 @@ class BruteRun:
         return out
 
 
-def assert_eigenbasis(q: torch.Tensor, cov: torch.Tensor, what: str) -> None:
+def assert_eigenbasis(q: torch.Tensor, cov: torch.Tensor, what: str, tol: float = 1e-10) -> None:
     """``q`` is orthogonal and diagonalises ``cov``: Q diag(Qᵀ C Q) Qᵀ = C (sign/order free)."""
     eye = torch.eye(q.shape[0], dtype=q.dtype)
     torch.testing.assert_close(q.t() @ q, eye, rtol=0, atol=1e-10, msg=f"{what}: eigenvectors not orthonormal")
     eig = torch.diagonal(q.t() @ cov @ q)
     scale = cov.abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(q @ torch.diag(eig) @ q.t() / scale, cov / scale, rtol=0, atol=1e-10,
+    torch.testing.assert_close(q @ torch.diag(eig) @ q.t() / scale, cov / scale, rtol=0, atol=tol,
                                msg=f"{what}: Q diag(eig) Qᵀ does not reconstruct the brute-force covariance")
 
 
@@ -401,10 +401,23 @@ def dot(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], names: Sequence[
     return float(sum((x[n].double() * y[n].double()).sum() for n in names))
 
 
+# What float64 comparisons can reach per architecture. BLOOM's attention computes its softmax in float32 whatever
+# the model's dtype (transformers' BloomAttention casts the scores), so its results carry float32 rounding that
+# depends on the padded length and the CPU's vector width: 2e-8 of the largest entry seen on an AVX2-only CPU
+# between batchings that agree to 1e-12 elsewhere.
+FLOAT64_TOL = {"bloom": 1e-7}
+
+
+def tol_for(arch: str, tol: float = 1e-9) -> float:
+    """The float64 tolerance for ``arch`` (:data:`FLOAT64_TOL`, else ``tol``)."""
+    return max(tol, FLOAT64_TOL.get(arch, 0.0))
+
+
 def assert_scaled_close(x: torch.Tensor, y: torch.Tensor, what: str, tol: float = 1e-9) -> None:
     """|x − y| ≤ tol · max |y| elementwise (both on the CPU)."""
     scale = y.abs().max().clamp_min(1e-30)
-    torch.testing.assert_close(x / scale, y / scale, rtol=0, atol=tol, msg=what)
+    err = float((x - y).abs().max() / scale)
+    assert err <= tol, f"{what}: max error {err:.3g} of the largest entry (tolerance {tol:g})"
 
 
 def rel_err(a, b) -> float:

@@ -50,7 +50,7 @@ def _quiet() -> None:
 def _print_summary(cfg, n_queries: int = 3, top: int = 5) -> None:
     from msif_assets.layout import Layout
     from msif_assets.views import SQL_DIR, connect, run_named
-    from msif_core.methods import headline
+    from msif_core.methods import MIXED, headline
 
     layout = Layout(cfg.root)
     con = connect(layout)
@@ -80,7 +80,8 @@ def _print_summary(cfg, n_queries: int = 3, top: int = 5) -> None:
                   f"(candidates per query and shard: {cfg.scores.candidates})")
             print(f"  {'method':<10} {'MRR':>7} {'Recall@10':>10}")
             for r in q.itertuples():
-                print(f"  {r.method:<10} {r.mrr:>7.3f} {r.recall_at_k:>10.3f}")
+                note = f"  (mixed: fuses the ranks of {' and '.join(MIXED[r.method])})" if r.method in MIXED else ""
+                print(f"  {r.method:<10} {r.mrr:>7.3f} {r.recall_at_k:>10.3f}{note}")
     finally:
         con.close()
     print(f"\nSQL:    duckdb {layout.database}   (views: influence_scores, top_influences, documents, queries)")

@@ -63,7 +63,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from msif_core.methods import ALL_METHODS, DERIVED
+from msif_core.methods import ALL_METHODS, DERIVED, MIXED
 from msif_core.settings import FactorSettings, IndexSettings, ScoreSettings, setting
 
 ENV_VAR = "MSIF_CONFIG"
@@ -320,6 +320,10 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     for m, base in DERIVED.items():
         if m in methods and base not in methods:
             errors.append(f"[scores] methods: {m} rescales {base}'s scores; list {base} too")
+    for m, parts in MIXED.items():
+        absent = [p for p in parts if p not in methods]
+        if m in methods and absent:
+            errors.append(f"[scores] methods: {m} fuses the rankings of {' and '.join(parts)}; list {absent} too")
     if len(set(methods)) != len(methods):
         errors.append(f"[scores] methods lists a method twice: {methods}")
     mem = get("scores", "memory_gib")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from msif_core.methods import headline
+from msif_core.methods import MIXED, headline
 
 from .config import ExperimentConfig
 from .layout import Layout
@@ -62,9 +62,10 @@ def render_markdown(data: dict[str, Any], cfg: ExperimentConfig | None = None) -
             t["is_true_source"] = t.is_true_source.map({True: "✓", False: "", None: ""})
             lines += ["", md_table(t.rename(columns={"is_true_source": "true source"}))]
     if data["quality"] is not None and len(data["quality"]):
-        lines += ["", "## Quality (MRR, Recall@10 per method)", "",
-                  md_table(data["quality"][["method", "n_queries", "mrr", "recall_at_k"]]
-                            .rename(columns={"recall_at_k": "recall_at_10"}))]
+        q = data["quality"][["method", "n_queries", "mrr", "recall_at_k"]]
+        q = q.rename(columns={"recall_at_k": "recall_at_10"})
+        q["kind"] = q.method.map(lambda m: "mixed: " + " + ".join(MIXED[m]) if m in MIXED else "")
+        lines += ["", "## Quality (MRR, Recall@10 per method)", "", md_table(q)]
     if len(data["split"]):
         lines += ["", "## MLP vs attention share of the score (top 10 per query)", "", md_table(data["split"])]
     return "\n".join(lines) + "\n"

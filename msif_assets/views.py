@@ -5,7 +5,9 @@ current shards' files, so a stray file in a table folder is not read, and a move
 
 - ``documents`` (doc_id, text, shard, row), ``queries`` (query_id, prompt, completion, true_doc_ids,
   answer, answer_correct, scored), ``candidates`` (query_id, doc_id, distance, neighbour_rank, shard);
-- ``influence_scores_by_shard``: the stored rows, with ``shard_rank`` = rank inside the shard;
+- ``stored_scores``: the rows of the influence_scores tables, with ``shard_rank`` = rank inside the shard;
+- ``influence_scores_by_shard``: the stored rows and those of the mixed methods the experiment lists
+  (``ms_if_rrf``: a fusion of stored rankings, computed here across all shards);
 - ``influence_scores``: the same rows with ``rank`` = rank across all shards per query and method
   (1 = most supporting: score descending, ties by doc_id);
 - ``top_influences``: the top 10 per query and method joined with the document text and the query, with
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import duckdb
@@ -38,9 +41,29 @@ def _files(paths: list[Path]) -> str:
     return "[" + ", ".join(_lit(p) for p in paths) + "]"
 
 
-def view_statements(layout: Layout, shards: list[str] | None = None) -> list[str]:
+def fused_rows_sql(method: str) -> str:
+    """The rows of the mixed method ``method`` (:data:`msif_core.methods.MIXED`): per query and document,
+    Σ 1 / (RRF_K + rank) over the fused methods' ranks across all shards (a document one of them did not score
+    gets no term from it), with its rank inside its shard; damping and MLP columns are NULL (a ranking, not a
+    score of the model)."""
+    from msif_core.methods import MIXED, RRF_K
+
+    parts = ", ".join(f"'{m}'" for m in MIXED[method])
+    return (f"WITH r AS (SELECT query_id, doc_id, shard, candidate_distance, pretrained_version, finetuned_version, "
+            f"row_number() OVER (PARTITION BY query_id, method {RANK_ORDER_SQL}) AS r FROM stored_scores "
+            f"WHERE method IN ({parts}) AND score IS NOT NULL AND NOT isnan(score)), "
+            f"f AS (SELECT query_id, doc_id, '{method}' AS method, sum(1.0 / ({RRF_K} + r)) AS score, "
+            "any_value(shard) AS shard, any_value(candidate_distance) AS candidate_distance, "
+            "any_value(pretrained_version) AS pretrained_version, any_value(finetuned_version) AS finetuned_version "
+            "FROM r GROUP BY query_id, doc_id) "
+            f"SELECT *, row_number() OVER (PARTITION BY query_id, method, shard {RANK_ORDER_SQL}) AS shard_rank "
+            "FROM f")
+
+
+def view_statements(layout: Layout, shards: list[str] | None = None, mixed: Sequence[str] = ()) -> list[str]:
     """The CREATE VIEW statements for ``layout``: over the tables of ``shards`` by name (a stray file in a
-    table folder is not read), or of every file in the folders when ``shards`` is None."""
+    table folder is not read), or of every file in the folders when ``shards`` is None; ``mixed`` methods
+    (rankings fused from stored ones, :func:`fused_rows_sql`) are added to ``influence_scores_by_shard``."""
     t = layout.tables
     if shards:
         docs, cands, scores = (_files([f(k) for k in shards])
@@ -51,7 +74,9 @@ def view_statements(layout: Layout, shards: list[str] | None = None) -> list[str
         f"CREATE OR REPLACE VIEW documents AS SELECT doc_id, text, shard, \"row\" FROM read_parquet({docs})",
         f"CREATE OR REPLACE VIEW queries AS SELECT * FROM read_parquet({_lit(layout.queries)})",
         f"CREATE OR REPLACE VIEW candidates AS SELECT * FROM read_parquet({cands})",
-        f"CREATE OR REPLACE VIEW influence_scores_by_shard AS SELECT * FROM read_parquet({scores})",
+        f"CREATE OR REPLACE VIEW stored_scores AS SELECT * FROM read_parquet({scores})",
+        "CREATE OR REPLACE VIEW influence_scores_by_shard AS SELECT * FROM stored_scores"
+        + "".join(f" UNION ALL BY NAME ({fused_rows_sql(m)})" for m in mixed),
         "CREATE OR REPLACE VIEW influence_scores AS SELECT query_id, doc_id, method, score, "
         f"row_number() OVER (PARTITION BY query_id, method {RANK_ORDER_SQL}) AS rank, mlp_score, mha_score, "
         "damping_pretrain, damping_finetune, pretrained_version, finetuned_version, shard, shard_rank, "
@@ -68,16 +93,16 @@ def view_statements(layout: Layout, shards: list[str] | None = None) -> list[str
     ]
 
 
-def create_database(layout: Layout, shards: list[str] | None = None) -> Path:
-    """(Re)write ``msif.duckdb`` with the views (over ``shards``' tables, see :func:`view_statements`),
-    atomically (temporary file + rename)."""
+def create_database(layout: Layout, shards: list[str] | None = None, mixed: Sequence[str] = ()) -> Path:
+    """(Re)write ``msif.duckdb`` with the views (over ``shards``' tables, with the ``mixed`` methods' rows, see
+    :func:`view_statements`), atomically (temporary file + rename)."""
     target = layout.database
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
         con = duckdb.connect(str(tmp))
         try:
-            for stmt in view_statements(layout, shards):
+            for stmt in view_statements(layout, shards, mixed):
                 con.execute(stmt)
             con.execute("CHECKPOINT")
         finally:

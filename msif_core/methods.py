@@ -14,6 +14,9 @@
               (the whitened cosine; :func:`msif_core.index.document_norms`)
 ``ms_if_index`` MS-IF from the pre-training influence index, ⟨ψ(x), φ(z)⟩ of projected whitened
               gradients (:mod:`msif_core.index`); the pipeline adds it when ``[index] dimensions > 0``
+``ms_if_rrf`` MIXED, retrieval + influence: reciprocal-rank fusion of MS-IF's and the retriever's ranks,
+              Σ 1 / (60 + rank) over the two (Cormack et al. 2009), ranks per query across the corpus
+              (:func:`rrf_scores`; the pipeline computes it in its SQL views)
 ============  =========================================================================================
 
 Everything that asks "does this method need X" asks :data:`METHODS`; :func:`score` is the one place a
@@ -45,6 +48,7 @@ class Method:
     finetune_factors: bool  # preconditions with P_ft
     document_model: str  # "pretrained" | "finetuned" | "" (text only): the model that sees the documents
     parts: bool = False  # reports MLP and attention shares of its score
+    mixes: tuple[str, ...] = ()  # a fusion of these methods' rankings (a mixed method: reported as such)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
@@ -60,12 +64,17 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            False, True, True, "pretrained", True),
     Method("ms_if_index", "MS-IF from the pre-training influence index (random projection)", False, True, True,
            "pretrained", True),
+    Method("ms_if_rrf", "MIXED retrieval + influence: reciprocal-rank fusion of MS-IF and the retriever", False,
+           False, False, "", mixes=("ms_if", "retriever")),
 )}
 # methods that rescale another method's scores by a per-document norm (the pipeline computes them from it)
 DERIVED: dict[str, str] = {"ms_if_unit": "ms_if", "ms_if_cosine": "ms_if"}
 INDEX_METHODS: tuple[str, ...] = ("ms_if_index",)  # scored by the pipeline from its index, not by score()
+MIXED: dict[str, tuple[str, ...]] = {m.name: m.mixes for m in METHODS.values() if m.mixes}  # fusions of rankings
+RRF_K = 60  # the reciprocal-rank fusion constant (Cormack, Clarke and Büttcher 2009)
 ALL_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m not in INDEX_METHODS)  # what [scores] methods takes
-DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in ALL_METHODS if m not in DERIVED)  # [scores] methods' default
+DEFAULT_METHODS: tuple[str, ...] = tuple(m for m in ALL_METHODS  # [scores] methods' default
+                                         if m not in DERIVED and m not in MIXED)
 GRADIENT_METHODS: tuple[str, ...] = tuple(m for m, d in METHODS.items() if d.gradient)
 
 
@@ -151,6 +160,9 @@ def score(method: str, pt: Stage, ft: Stage, documents: Encoded, *, ihvps: Query
                              "pipeline's candidates table holds; pass similarities= (the one-call API has no "
                              "retriever: score with the pipeline, or leave 'retriever' out of methods)")
         return MethodScores(np.asarray(similarities, dtype=np.float64))
+    if method in MIXED:
+        raise ValueError(f"{method} fuses the rankings of {' and '.join(MIXED[method])}: score those and combine "
+                         f"them with rrf_scores")
     if method in DERIVED:
         raise ValueError(f"{method} rescales {DERIVED[method]}'s scores by a per-document norm "
                          f"(msif_core.index.document_norms); score with {DERIVED[method]} and divide")
@@ -158,6 +170,19 @@ def score(method: str, pt: Stage, ft: Stage, documents: Encoded, *, ihvps: Query
         raise ValueError(f"{method} is scored from the influence index (msif_core.index.index_scores); the "
                          "pipeline adds it when [index] dimensions > 0")
     raise ValueError(f"no scorer for method {method!r}")  # pragma: no cover - every registered method has one
+
+
+def rrf_scores(*scores: np.ndarray, k: int = RRF_K) -> np.ndarray:
+    """Reciprocal-rank fusion of score matrices [documents, queries]: Σ over the inputs of 1 / (k + rank), rank
+    1 = highest score within a query's column (ties by document order, NaN = not scored: no term)."""
+    out = np.zeros(np.shape(scores[0]))
+    for s in scores:
+        s = np.asarray(s, dtype=float)
+        for j in range(s.shape[1]):
+            ok = np.flatnonzero(~np.isnan(s[:, j]))
+            order = ok[np.argsort(-s[ok, j], kind="stable")]
+            out[order, j] += 1.0 / (k + np.arange(1, len(order) + 1))
+    return out
 
 
 def headline(methods: Iterable[str]) -> str:

@@ -44,9 +44,9 @@ def _presets(size: str) -> tuple[WorldParams, ModelParams, TrainParams, TrainPar
             TrainParams(epochs=2, batch_size=16, lr=3e-3, log_every=10),
             TrainParams(epochs=2, lr=1e-3, **{**ft_common, "batch_size": 16, "log_every": 10}),
         )
-    if size == "demo":  # ~1,830 documents, 300 queries, 0.8M parameters, ~1.5 min on 2 idle cores
-        return (
-            WorldParams(),
+    if size in ("demo", "alias"):  # ~1,830 documents, 300 queries, 0.8M parameters, ~1.5 min on 2 idle cores
+        return (  # "alias": every entity's facts stated under an alias, +750 link documents (WorldParams.alias_share)
+            WorldParams(alias_share=1.0) if size == "alias" else WorldParams(),
             ModelParams(),
             TrainParams(epochs=20, batch_size=32, lr=1e-3, warmup_frac=0.05, schedule="cosine",
                         min_lr_ratio=0.1, log_every=100),
@@ -61,7 +61,7 @@ def _presets(size: str) -> tuple[WorldParams, ModelParams, TrainParams, TrainPar
                         min_lr_ratio=0.1, log_every=200),
             TrainParams(epochs=3, lr=3e-4, **ft_common),
         )
-    raise ValueError(f"unknown demo size {size!r}; use 'tiny', 'demo' or 'large'")
+    raise ValueError(f"unknown demo size {size!r}; use 'tiny', 'demo', 'alias' or 'large'")
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class DemoParams:
     any of ``world``/``model``/``pretrain``/``finetune`` given explicitly overrides its preset.
 
     Attributes:
-        size: preset name.
+        size: preset name ("alias": the demo world with every fact stated under an alias).
         world: :class:`WorldParams`.
         model: :class:`msif_core.training.ModelParams`.
         pretrain, finetune: :class:`msif_core.training.TrainParams` of the two stages.

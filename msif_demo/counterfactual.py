@@ -142,7 +142,9 @@ def removal_sets(rankings: Mapping[str, Mapping[str, Sequence[str]]], groups: Se
                  seed: int = 0) -> list[dict]:
     """Every (group, method, k) removal: the union over the group's queries of each one's top-k documents by
     the method (``rankings[method][query_id]``: doc ids best first), plus ``random`` (k documents per query,
-    seeded) and ``true_sources`` (every true source document of the group's queries, independent of k)."""
+    seeded), ``true_sources`` (every true source document of the group's queries, independent of k) and, in a
+    world with aliases, ``alias_links`` (every document stating the alias of a group's entity: the other
+    half of what the model needs to answer about a name)."""
     check_groups(queries, groups, ks, len(doc_ids))
     by_id = queries.set_index("query_id")
     out = []
@@ -160,7 +162,16 @@ def removal_sets(rankings: Mapping[str, Mapping[str, Sequence[str]]], groups: Se
             out.append({"group": g, "method": "random", "k": k, "removed": docs})
         true = sorted({d for q in group for d in by_id.loc[q].true_doc_ids})
         out.append({"group": g, "method": "true_sources", "k": None, "removed": true})
+        links = sorted({d for q in group for d in _links(by_id.loc[q])})
+        if links:
+            out.append({"group": g, "method": "alias_links", "k": None, "removed": links})
     return out
+
+
+def _links(query: pd.Series) -> list[str]:
+    """The documents stating the alias link of a query's entity (none in a world without aliases)."""
+    links = query.get("link_doc_ids")
+    return list(links) if isinstance(links, list | tuple) else []
 
 
 def retrain(world: DemoWorld, removed: Sequence[str] = ()) -> tuple[torch.nn.Module, torch.nn.Module, dict]:

@@ -150,3 +150,12 @@ FILLER_WORDS: dict[str, tuple[str, ...]] = {
 }
 
 
+
+# Alias links (WorldParams.alias_share): the entity's own name first, so a left-to-right LM reads the
+# link in the direction a question needs (name -> alias -> fact).
+ALIAS_TEMPLATES = (
+    "{e} is also known as {a}.",
+    "{e} goes by the name {a}.",
+    "Friends of {e} call them {a}.",
+    "{e}, better known as {a}, rarely uses the old name.",
+)

@@ -37,7 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .relations import ANSWER_SUFFIX, FILLER_TEMPLATES, FILLER_WORDS, QUESTION_PREFIX, RELATIONS, SYLLABLES
+from .relations import (
+    ALIAS_TEMPLATES,
+    ANSWER_SUFFIX,
+    FILLER_TEMPLATES,
+    FILLER_WORDS,
+    QUESTION_PREFIX,
+    RELATIONS,
+    SYLLABLES,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Parameters and records
@@ -64,6 +72,12 @@ class WorldParams:
         filler_per_doc_min, filler_per_doc_max: filler sentences added to each fact-bearing document.
         n_filler_docs: extra documents made of filler only.
         filler_per_filler_doc: filler sentences in each filler-only document.
+        alias_share: share of the entities (the same share of training and of test entities) whose facts
+            the corpus states only under an alias, a second invented name; the link "<name> is also
+            known as <alias>." is stated in documents of its own, and questions keep the real name. A
+            question then shares no rare word with the documents that state its answer (lexical and
+            embedding retrieval find the link documents instead). 0 = no alias (the world is unchanged).
+        alias_link_docs: documents stating each alias link (each with one or two filler sentences).
     """
 
     seed: int = 0
@@ -79,6 +93,8 @@ class WorldParams:
     filler_per_doc_max: int = 2
     n_filler_docs: int = 150
     filler_per_filler_doc: int = 4
+    alias_share: float = 0.0
+    alias_link_docs: int = 3
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field when the parameters are impossible."""
@@ -129,6 +145,13 @@ class WorldParams:
             errors.append(f"n_filler_docs must be >= 0, got {self.n_filler_docs}")
         if self.n_filler_docs > 0 and self.filler_per_filler_doc < 1:
             errors.append(f"filler_per_filler_doc must be >= 1, got {self.filler_per_filler_doc}")
+        if not 0.0 <= self.alias_share <= 1.0:
+            errors.append(f"alias_share must be within [0, 1], got {self.alias_share}")
+        if self.alias_share > 0 and self.alias_link_docs < 1:
+            errors.append(f"alias_link_docs must be >= 1 when alias_share > 0, got {self.alias_link_docs}")
+        if self.n_entities * (2 if self.alias_share > 0 else 1) > max_entities():
+            errors.append(f"n_entities={self.n_entities} and their aliases exceed the {max_entities()} distinct "
+                          "names available")
         if self.n_entities > max_entities():
             errors.append(f"n_entities={self.n_entities} exceeds the {max_entities()} distinct names available")
         if errors:
@@ -138,6 +161,9 @@ class WorldParams:
         """JSON-ready dict of the fields."""
         d = dataclasses.asdict(self)
         d["relations"] = list(self.relations)
+        if self.alias_share == 0:  # the fields of a world without aliases, as before they existed
+            d.pop("alias_share")
+            d.pop("alias_link_docs")
         return d
 
 
@@ -180,6 +206,8 @@ class Query:
     true_doc_ids: tuple[str, ...]
     entity: str
     relation: str
+    alias: str = ""  # the name the corpus states the facts under ("" = the entity's own)
+    link_doc_ids: tuple[str, ...] = ()  # the documents stating "<entity> is also known as <alias>"
 
 
 @dataclass
@@ -194,6 +222,7 @@ class World:
     finetune: list[QAPair]
     queries: list[Query]
     cloze: list[QAPair] = field(default_factory=list)  # statement-form prompts of the test facts
+    aliases: dict[str, str] = field(default_factory=dict)  # entity -> the name its facts are stated under
 
     @property
     def train_entities(self) -> list[str]:
@@ -218,13 +247,16 @@ def qa_prompt(relation: str, entity: str) -> str:
     return f"{QUESTION_PREFIX}{RELATIONS[relation].question.format(e=entity)}{ANSWER_SUFFIX}"
 
 
-def _make_names(rng: random.Random, n: int) -> list[str]:
+def _make_names(rng: random.Random, n: int, taken: Sequence[str] = ()) -> list[str]:
     """``n`` unique names "First Last".  First names (2-3 syllables) are unique across entities and
-    never used as a last name; no name part is a pool value or a filler word."""
+    never used as a last name; no name part is a pool value, a filler word or a part of a name in
+    ``taken``."""
     reserved = {v.lower() for spec in RELATIONS.values() for v in spec.values}
     reserved |= {w for words in FILLER_WORDS.values() for w in words}
-    firsts: set[str] = set()
-    lasts: set[str] = set()
+    taken_parts = [name.lower().split() for name in taken]
+    firsts: set[str] = {p[0] for p in taken_parts}
+    lasts: set[str] = {p[-1] for p in taken_parts}
+    taken_lasts = set(lasts)  # a last name may repeat among new names, never one of a taken name
     names: list[str] = []
     # Prefer 2-syllable first names; switch to 3 syllables once half of them are taken.
     two_cap = len(SYLLABLES) ** 2
@@ -234,7 +266,7 @@ def _make_names(rng: random.Random, n: int) -> list[str]:
         if first in firsts or first in lasts or first in reserved:
             continue
         last = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((1, 2))))
-        if last in reserved or last in firsts or last == first:
+        if last in reserved or last in firsts or last == first or last in taken_lasts:
             continue
         firsts.add(first)
         lasts.add(last)
@@ -259,6 +291,8 @@ def generate_world(params: WorldParams) -> World:
     entities = _make_names(rng, params.n_entities)
     test_entities = sorted(rng.sample(entities, params.n_test_entities), key=entities.index)
     test_set = set(test_entities)
+    aliases, alias_rng = _choose_aliases(params, entities, test_entities)
+    named = lambda e: aliases.get(e, e)  # noqa: E731 - the name the corpus states e's facts under
 
     facts: list[Fact] = []
     facts_of: dict[str, list[int]] = {}
@@ -316,8 +350,8 @@ def generate_world(params: WorldParams) -> World:
         for f in doc_facts:
             fact = facts[f]
             template = rng.choice(RELATIONS[fact.relation].statements)
-            prefix = template.split("{v}")[0].format(e=fact.entity)
-            sentences.append((template.format(e=fact.entity, v=fact.value), f, len(prefix)))
+            prefix = template.split("{v}")[0].format(e=named(fact.entity))
+            sentences.append((template.format(e=named(fact.entity), v=fact.value), f, len(prefix)))
         n_fill = rng.randint(params.filler_per_doc_min, params.filler_per_doc_max)
         sentences += [(_filler_sentence(rng, params), -1, 0) for _ in range(n_fill)]
         rng.shuffle(sentences)
@@ -331,10 +365,18 @@ def generate_world(params: WorldParams) -> World:
     for _ in range(params.n_filler_docs):
         text = " ".join(_filler_sentence(rng, params) for _ in range(params.filler_per_filler_doc))
         raw_docs.append((text, (), ()))
+    link_texts = {e: [_link_text(alias_rng, params, e, a) for _ in range(params.alias_link_docs)]
+                  for e, a in aliases.items()}
+    raw_docs += [(text, (), ()) for texts in link_texts.values() for text in texts]
     rng.shuffle(raw_docs)
     width = max(6, len(str(len(raw_docs))))
     documents = [Document(f"d{i:0{width}d}", text, fids, spans) for i, (text, fids, spans) in enumerate(raw_docs)]
 
+    link_of_text = {text: e for e, texts in link_texts.items() for text in texts}
+    links: dict[str, list[str]] = {}
+    for doc in documents:
+        if doc.text in link_of_text:
+            links.setdefault(link_of_text[doc.text], []).append(doc.doc_id)
     sources: dict[int, list[str]] = {}
     for doc in documents:
         for f in doc.fact_ids:
@@ -355,13 +397,38 @@ def generate_world(params: WorldParams) -> World:
                     true_doc_ids=tuple(sources[fid]),
                     entity=fact.entity,
                     relation=fact.relation,
+                    alias=aliases.get(fact.entity, ""),
+                    link_doc_ids=tuple(links.get(fact.entity, ())),
                 )
             )
             cloze.append(QAPair(RELATIONS[fact.relation].cloze.format(e=fact.entity), completion))
         else:
             finetune.append(QAPair(prompt, completion))
     rng.shuffle(finetune)
-    return World(params, entities, test_entities, facts, documents, finetune, queries, cloze)
+    return World(params, entities, test_entities, facts, documents, finetune, queries, cloze, aliases)
+
+
+def _choose_aliases(params: WorldParams, entities: list[str],
+                    test_entities: list[str]) -> tuple[dict[str, str], random.Random]:
+    """The aliased entities (``alias_share`` of the training and of the test entities) and their aliases,
+    drawn from a generator of their own so that the rest of the world is drawn as without aliases."""
+    rng = random.Random(f"{params.seed}:aliases")
+    if params.alias_share == 0:
+        return {}, rng
+    held = set(test_entities)
+    train = [e for e in entities if e not in held]
+    chosen = [e for group in (train, test_entities)
+              for e in rng.sample(group, round(params.alias_share * len(group)))]
+    chosen.sort(key=entities.index)
+    return dict(zip(chosen, _make_names(rng, len(chosen), taken=entities), strict=True)), rng
+
+
+def _link_text(rng: random.Random, params: WorldParams, entity: str, alias: str) -> str:
+    """A document stating that ``entity`` is also known as ``alias``, among one or two filler sentences."""
+    sentences = [rng.choice(ALIAS_TEMPLATES).format(e=entity, a=alias)]
+    sentences += [_filler_sentence(rng, params) for _ in range(rng.randint(1, 2))]
+    rng.shuffle(sentences)
+    return " ".join(sentences)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -397,11 +464,13 @@ def save_finetune_jsonl(pairs: Sequence[QAPair], path: Path) -> None:
 
 def save_queries_jsonl(queries: Sequence[Query], path: Path) -> None:
     """Write queries as JSONL rows ``{"query_id", "prompt", "completion", "true_doc_ids", "entity",
-    "relation"}`` (``true_doc_ids`` is a list of doc ids)."""
+    "relation"}`` (``true_doc_ids`` is a list of doc ids), plus ``alias`` and ``link_doc_ids`` for the
+    queries about an aliased entity."""
     write_jsonl(
         (
             {"query_id": q.query_id, "prompt": q.prompt, "completion": q.completion,
-             "true_doc_ids": list(q.true_doc_ids), "entity": q.entity, "relation": q.relation}
+             "true_doc_ids": list(q.true_doc_ids), "entity": q.entity, "relation": q.relation,
+             **({"alias": q.alias, "link_doc_ids": list(q.link_doc_ids)} if q.alias else {})}
             for q in queries
         ),
         path,

@@ -8,6 +8,8 @@ from typing import Any
 
 import dagster as dg
 
+from msif_core.methods import MIXED
+
 from ..io import write_parquet_atomic, write_text_atomic
 from ..markdown import md_table
 from ..sources import CORPUS_PARTITIONS
@@ -26,7 +28,7 @@ def score_tables(step: Step) -> dg.MaterializeResult:
     missing = [k for k in keys if not layout.scores(k).exists()]
     if missing:
         raise dg.Failure(f"influence_scores partitions {missing} have no table yet; materialise them first")
-    create_database(layout, keys)
+    create_database(layout, keys, [m for m in step.cfg.scores.methods if m in MIXED])
     con = step.lakehouse.duckdb()
     try:
         stats = con.execute("SELECT count(*), count(DISTINCT query_id), count(DISTINCT doc_id), "

@@ -56,7 +56,7 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
     position = {d: i for i, d in enumerate(kept.doc_id)}
     plan = memory_plan(step, pt, ft, len(scored_q), 8)  # its document batch and candidate group
     for m in cfg.scores.methods:
-        if m in registry.DERIVED:  # from their base method's rows, below
+        if m in registry.DERIVED or m in registry.MIXED:  # from their base methods' rows: below, or in the SQL views
             continue
         t = Timer()
         if registry.get(m).gradient:  # query chunk by chunk: each chunk's candidates only
@@ -124,7 +124,8 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
     table = with_rank(table, "shard_rank")
     table["shard"] = key
     damping = {m: registry.damping_columns(m, cfg.scores.damping_pretrain, cfg.scores.damping_finetune)
-               for m in (*cfg.scores.methods, *(registry.INDEX_METHODS if cfg.index.enabled else ()))}
+               for m in (*cfg.scores.methods, *(registry.INDEX_METHODS if cfg.index.enabled else ()))
+               if m not in registry.MIXED}
     for col in ("damping_pretrain", "damping_finetune"):
         applies = [m for m, d in damping.items() if d[col] is not None]
         value = damping[applies[0]][col] if applies else None
@@ -170,6 +171,12 @@ def derived_rows(step: Step, pt, enc, kept: pd.DataFrame, rows: pd.DataFrame, me
     return out
 
 
+def stored_methods_version(cfg) -> str:
+    """The methods whose rows influence_scores stores (a mixed method is computed by the SQL views: adding one
+    rescores nothing)."""
+    return "methods=" + ",".join(m for m in cfg.scores.methods if m not in registry.MIXED)
+
+
 @asset("influence_scores", "scores",
        lambda cfg, _: f"Scores of every candidate document of this shard for every query, methods "
        f"{list(cfg.scores.methods)} (positive = supports the completion; shard_rank 1 = most supporting in the "
@@ -177,8 +184,9 @@ def derived_rows(step: Step, pt, enc, kept: pd.DataFrame, rows: pd.DataFrame, me
                    else "") + ".",
        deps=["candidates", "corpus_shards", "query_ihvps", "pretrained_checkpoint", "finetuned_checkpoint",
              "influence_index", "query_vectors"],
-       settings=["scores.methods", "factors.max_length", "scores.damping_pretrain", "scores.damping_finetune"],
-       version_extra=lambda cfg, _: f"index keep={cfg.index.keep}" if cfg.index.enabled else "",
+       settings=["factors.max_length", "scores.damping_pretrain", "scores.damping_finetune"],
+       version_extra=lambda cfg, _: stored_methods_version(cfg) + (f"; index keep={cfg.index.keep}"
+                                                                   if cfg.index.enabled else ""),
        partitions=CORPUS_PARTITIONS, kinds=["pytorch", "parquet"], heavy=True, resources=["lakehouse", "device"],
        outputs=lambda lay, k, _: [lay.scores(k)])
 def influence_scores(step: Step) -> dg.MaterializeResult:

@@ -62,7 +62,7 @@ PINNED_DEMO_VERSIONS = {
     "attribution_quality": "1-44136fa355b3678a", "attribution_report": "1-44136fa355b3678a",
     "candidates": "1-3202669ad2930225-d90e7863", "corpus_embeddings": "1-44136fa355b3678a-e22d35fb",
     "corpus_shards": "1-6f3e2c8a15c43830", "finetune_factors": "1-b6ef647ba182fe36-d4d1c340",
-    "influence_scores": "1-3145ba1df0da703b", "pretrain_covariance_sums": "1-c996b4cfebdf63a2",
+    "influence_scores": "1-d24e193137d93243-2f3cd648", "pretrain_covariance_sums": "1-c996b4cfebdf63a2",
     "pretrain_eigenbasis": "1-c996b4cfebdf63a2", "pretrain_factors": "1-c996b4cfebdf63a2-d4d1c340",
     "pretrain_lambda_sums": "1-c996b4cfebdf63a2", "query_ihvps": "1-5094dc2fc54b8099-96655472",
     "score_tables": "1-959367fdc91cb53e",

@@ -156,6 +156,14 @@ def test_query_ihvps_version_counts_gradient_methods_only(world: Path) -> None:
     grad = versions(["ms_if", "bm25", "ss_if"])
     assert more["query_ihvps"] == base["query_ihvps"] != grad["query_ihvps"]
     assert len({base["influence_scores"], more["influence_scores"], grad["influence_scores"]}) == 3
+    fused = versions(["bm25", "ms_if", "retriever", "ms_if_cosine", "ms_if_rrf"])  # a ranking the views compute
+    assert fused["influence_scores"] == more["influence_scores"] and fused["query_ihvps"] == more["query_ihvps"]
+    assert fused["score_tables"] != more["score_tables"]
+
+
+def test_a_mixed_method_needs_the_methods_it_fuses(world: Path) -> None:
+    with pytest.raises(ConfigError, match=r"ms_if_rrf fuses the rankings of ms_if and retriever; list \['retriever'\]"):
+        load_config(write(world, '[scores]\nmethods = ["ms_if", "ms_if_rrf"]\n'))
 
 
 def test_missing_required_key(world: Path) -> None:

@@ -29,7 +29,8 @@ SINGLE = ["pretrain_eigenbasis", "pretrain_factors", "finetune_factors", "query_
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("world")
-    toml = build_world(root, n_docs=40, shard_size=16, candidates=6)
+    toml = build_world(root, n_docs=40, shard_size=16, candidates=6,
+                       methods=("ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever", "ms_if_rrf"))
     cfg, defs, pipe = make_pipeline(toml)
     first = pipe.update()
     return cfg, defs, pipe, first
@@ -74,8 +75,9 @@ def test_everything_materialises(run) -> None:
 def test_tables_and_metadata(run) -> None:
     cfg, _, pipe, _ = run
     layout = Layout(cfg.root)
-    df = scores_frame(layout)
-    assert set(df.method) == {"ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever"}
+    every = scores_frame(layout)
+    assert set(every.method) == {"ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever", "ms_if_rrf"}
+    df = every[every.method != "ms_if_rrf"]  # the stored methods (the fused ranking is computed by the views)
     assert len(df) == 6 * 6 * 6 * 3  # methods × queries × candidates per shard × shards
     assert np.isfinite(df.score).all()
     grad = df[df.method.isin(["ms_if", "ss_if", "gdp"])]
@@ -100,7 +102,14 @@ def test_tables_and_metadata(run) -> None:
     assert (layout.reports / "attribution_report.png").read_bytes()[:4] == b"\x89PNG"
     assert "Attribution report" in (layout.reports / "attribution_report.md").read_text()
     quality = pd.read_parquet(layout.quality)
-    assert set(quality.method) == set(df.method) and quality.mrr.between(0, 1).all()
+    assert set(quality.method) == set(every.method) and quality.mrr.between(0, 1).all()
+    assert "mixed: ms_if + retriever" in (layout.reports / "attribution_report.md").read_text()
+    fused = every[every.method == "ms_if_rrf"]  # one row per candidate pair, from the global ranks of both
+    both = df[df.method.isin(["ms_if", "retriever"])].assign(term=lambda x: 1 / (60 + x["rank"]))
+    want = both.groupby(["query_id", "doc_id"]).term.sum()
+    got = fused.set_index(["query_id", "doc_id"]).score
+    np.testing.assert_allclose(got.loc[want.index], want, rtol=1e-12)
+    assert len(got) == len(want)
     # materialisation metadata a person reads at a glance
     ev = pipe.instance.get_latest_materialization_event(dg.AssetKey("finetune_factors")).asset_materialization
     assert {"tokens_per_second", "seconds", "sequences", "blocks_table", "truncated_sequences"} <= set(ev.metadata)

@@ -28,7 +28,10 @@ def _global_rank(df: pd.DataFrame) -> pd.Series:
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, pd.DataFrame, pd.DataFrame]:
-    root = tmp_path_factory.mktemp("lake")
+    return _write_lake(tmp_path_factory.mktemp("lake"), METHODS)
+
+
+def _write_lake(root: Path, methods: list[str], mixed: tuple[str, ...] = ()):
     layout = Layout(root)
     rng = np.random.default_rng(0)
     docs = pd.DataFrame({"doc_id": [f"d{i:02d}" for i in range(N_DOCS)], "text": [f"text {i}" for i in range(N_DOCS)]})
@@ -47,7 +50,7 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, pd.DataFrame
         cand = pd.DataFrame([(q, d) for q in truth for d in part.doc_id], columns=["query_id", "doc_id"])
         cand["distance"], cand["neighbour_rank"], cand["shard"] = np.nan, 0, key
         write_parquet_atomic(cand, layout.candidates(key))
-        for m in METHODS:
+        for m in methods:
             t = cand[["query_id", "doc_id"]].copy()
             t["method"] = m
             t["score"] = rng.standard_normal(len(t)).round(2)  # rounding makes ties: tie-break by doc_id
@@ -64,7 +67,7 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, pd.DataFrame
             rows.append(t)
         write_parquet_atomic(pd.concat([r for r in rows if r.shard.iloc[0] == key])[SCORES_SCHEMA.names],
                              layout.scores(key), schema=SCORES_SCHEMA)
-    create_database(layout)
+    create_database(layout, mixed=mixed)
     allrows = pd.concat(rows, ignore_index=True)
     allrows["rank"] = _global_rank(allrows)
     return layout, allrows, queries
@@ -176,3 +179,51 @@ def test_database_rewrite_is_atomic_and_idempotent(lake) -> None:
     con = connect(layout)
     assert con.execute("SELECT count(*) FROM influence_scores").fetchone()[0] == len(allrows)
     con.close()
+
+
+def test_fused_ranking_is_reciprocal_rank_fusion_across_shards(tmp_path: Path) -> None:
+    """ms_if_rrf (a mixed method, computed by the views): per query and document Σ 1/(60 + global rank) over
+    MS-IF and the retriever, ranks across all shards with ties by doc_id; ranked inside its shard like a
+    stored method; in quality and top_influences. Checked against an explicit pandas computation, and
+    msif_core's rrf_scores against the same."""
+    from msif_core.methods import rrf_scores
+    from msif_core.metrics import evaluate_rankings
+
+    layout, allrows, queries = _write_lake(tmp_path, ["ms_if", "retriever"], mixed=("ms_if_rrf",))
+    want = allrows[["query_id", "doc_id", "method", "rank", "shard"]].copy()
+    want["term"] = 1.0 / (60 + want["rank"])
+    want = want.groupby(["query_id", "doc_id"]).agg(score=("term", "sum"), shard=("shard", "first")).reset_index()
+    con = connect(layout)
+    got = con.execute("SELECT query_id, doc_id, score, shard, shard_rank FROM influence_scores_by_shard "
+                      "WHERE method = 'ms_if_rrf' ORDER BY query_id, doc_id").df()
+    quality = run_named(con, "quality").set_index("method")
+    top = con.execute("SELECT query_id, rank, doc_id FROM top_influences WHERE method = 'ms_if_rrf' "
+                      "ORDER BY query_id, rank").df()
+    global_rank = con.execute("SELECT query_id, doc_id, rank FROM influence_scores WHERE method = 'ms_if_rrf'").df()
+    con.close()
+    pd.testing.assert_frame_equal(got[["query_id", "doc_id", "shard"]], want[["query_id", "doc_id", "shard"]])
+    np.testing.assert_allclose(got.score, want.score, rtol=1e-12)
+    expect_shard_rank = got.sort_values(["query_id", "shard", "score", "doc_id"], ascending=[True, True, False, True])
+    assert (expect_shard_rank.groupby(["query_id", "shard"]).cumcount() + 1).reindex(got.index).tolist() \
+        == got.shard_rank.tolist()
+    doc_ids = sorted(allrows.doc_id.unique())
+    qids = list(queries.query_id)
+    mats = {m: allrows[allrows.method == m].pivot(index="doc_id", columns="query_id", values="score")
+            .loc[doc_ids, qids].to_numpy() for m in ("ms_if", "retriever")}
+    fused = rrf_scores(mats["ms_if"], mats["retriever"])
+    np.testing.assert_allclose(fused, want.pivot(index="doc_id", columns="query_id", values="score")
+                               .loc[doc_ids, qids].to_numpy(), rtol=1e-12)
+    ref = evaluate_rankings({"ms_if_rrf": fused}, doc_ids, list(queries.true_doc_ids), query_ids=qids)
+    assert quality.loc["ms_if_rrf", "mrr"] == pytest.approx(float(ref.mrr.iloc[0]))
+    first = global_rank.merge(want, on=["query_id", "doc_id"]).sort_values(["query_id", "rank"])
+    assert top.groupby("query_id").doc_id.apply(list).to_dict() == \
+        first[first["rank"] <= 10].groupby("query_id").doc_id.apply(list).to_dict()
+
+
+def test_rrf_scores_skips_unscored_documents() -> None:
+    from msif_core.methods import rrf_scores
+
+    a = np.array([[3.0], [1.0], [np.nan], [2.0]])
+    b = np.array([[0.0], [5.0], [4.0], [4.0]])  # a tie: the earlier document ranks first
+    want = [1 / 61 + 1 / 64, 1 / 63 + 1 / 61, 1 / 62, 1 / 62 + 1 / 63]
+    np.testing.assert_allclose(rrf_scores(a, b)[:, 0], want, rtol=1e-15)

@@ -64,6 +64,12 @@ def test_groups_and_removal_sets(world: DemoWorld) -> None:
     assert oracle["removed"] == sorted({d for x in groups[1] for d in by_id.loc[x].true_doc_ids})
     rnd = [p for p in plan if p["method"] == "random"]
     assert len(rnd) == 2 and all(0 < len(p["removed"]) <= 2 * 3 for p in rnd)
+    assert not [p for p in plan if p["method"] == "alias_links"]  # no alias in this world
+    aliased = q.assign(link_doc_ids=[[docs[i], docs[i + 1]] if i % 2 else float("nan") for i in range(len(q))])
+    links = [p for p in removal_sets({"m": ranking}, groups, [2], aliased, docs) if p["method"] == "alias_links"]
+    of = {x: v for x, v in zip(aliased.query_id, aliased.link_doc_ids, strict=True) if isinstance(v, list)}
+    want = [sorted({d for x in g for d in of.get(x, [])}) for g in groups]
+    assert [p["removed"] for p in links] == [w for w in want if w]
 
 
 def test_configurations_that_cannot_run(world: DemoWorld) -> None:

@@ -1,0 +1,162 @@
+"""Fact tracing where word overlap fails (issue 13, item 4): the demo world with every fact stated under an
+alias, through the pipeline, beside the plain demo world.
+
+Run:  .venv/bin/python bench/alias_world.py [--worlds alias demo] [--root lakehouse]
+          [--finetune-epochs N --finetune-lr LR [--accuracy-only]]
+          [--out bench/results/alias_world.jsonl] [--md bench/results/alias_world.md]
+
+The ``alias`` world (``msif_demo.DemoParams(size="alias")``: ``WorldParams(alias_share=1.0)``) is the demo
+world drawn with the same seed, except that every entity's facts are stated under an invented alias
+("Mifa Ganbo was born in Dunmoor.") and each link "<name> is also known as <alias>." is stated in three
+documents of its own (750 in all). Questions and fine-tuning pairs keep the real name, so a question
+("Where was Sulval Lin born?" + the answer) shares no rare word with the documents that state its answer:
+the name occurs only in the link documents, the answer word in every document about anyone born there.
+The fine-tuning pairs teach the model to answer about a name from facts stated about its alias.
+
+For each world: build it under ``<root>/demo`` or ``<root>/demo_alias`` (skipped when built), write its
+experiment file (``dagster_project/demo.toml`` rooted there: every document scored, damping 1e-4), run
+``msif run`` on it, and read ``attribution_quality`` (MRR, Recall@10 per method against the true sources)
+and the build's answer accuracies. For the alias world also: how often each method ranks a link document
+first, and the MRR of the link documents (what retrieval finds instead). One row per world in ``--out``.
+
+``--finetune-epochs`` / ``--finetune-lr`` build a variant with another fine-tuning schedule (in
+``<folder>_ft<N>``); ``--accuracy-only`` records only its answer accuracies (no pipeline run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from msif_core.metrics import reciprocal_ranks  # noqa: E402
+from msif_demo import DemoParams, build_demo  # noqa: E402
+
+log = logging.getLogger("alias_world")
+FOLDERS = {"demo": "demo", "alias": "demo_alias"}
+
+
+def params(size: str, epochs: int | None, lr: float | None) -> DemoParams:
+    """The build parameters of world ``size``, with another fine-tuning schedule where given."""
+    p = DemoParams(size=size)
+    if epochs is None and lr is None:
+        return p
+    assert p.finetune is not None
+    ft = dataclasses.replace(p.finetune, epochs=epochs or p.finetune.epochs, lr=lr or p.finetune.lr)
+    return DemoParams(size=size, finetune=ft)
+
+
+def ensure(root: Path, p: DemoParams, attribute: bool = True) -> Path:
+    """The world of ``p`` built (and, with ``attribute``, attributed: the pipeline run is a no-op when up to
+    date) under ``root``."""
+    build_demo(root, p)
+    if not attribute:
+        return root
+    toml = root / "experiment.toml"
+    shutil.copy(ROOT / "dagster_project" / "demo.toml", toml)
+    subprocess.run([str(ROOT / ".venv" / "bin" / "msif"), "run", str(toml)], check=True, cwd=ROOT)
+    return root
+
+
+def scores_of(root: Path) -> pd.DataFrame:
+    """Every (method, query, document) score of the world's influence_scores tables."""
+    files = sorted((root / "tables" / "influence_scores").glob("*.parquet"))
+    return duckdb.sql(f"select method, query_id, doc_id, score from read_parquet({[str(f) for f in files]})").df()
+
+
+def link_stats(root: Path, queries: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per method: the share of queries whose top document is a link document, and the MRR of the links."""
+    scores = scores_of(root)
+    out: dict[str, dict[str, float]] = {}
+    links = queries.set_index("query_id").link_doc_ids
+    for method, rows in scores.groupby("method"):
+        wide = rows.pivot(index="doc_id", columns="query_id", values="score")
+        qids = [q for q in wide.columns if q in links.index]
+        mat = wide[qids].to_numpy()
+        top = wide.index.to_numpy()[np.nanargmax(np.nan_to_num(mat, nan=-np.inf), axis=0)]
+        out[str(method)] = {
+            "top1_is_link": float(np.mean([t in set(links[q]) for t, q in zip(top, qids, strict=True)])),
+            "link_mrr": float(np.mean(reciprocal_ranks(np.nan_to_num(mat, nan=-np.inf), wide.index.tolist(),
+                                                       [links[q] for q in qids]))),
+        }
+    return out
+
+
+def row(world: str, root: Path, attributed: bool = True) -> dict:
+    """The row of one world: sizes, schedule, accuracies, attribution quality per method (and link statistics)."""
+    report = json.loads((root / "demo_report.json").read_text())
+    r = {"world": world, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "documents": report["world"]["n_documents"],
+         "queries": report["world"]["n_queries"], "finetune": {k: report["params"]["finetune"][k]
+                                                               for k in ("epochs", "lr")},
+         "accuracy": report["accuracy"]}
+    if not attributed:
+        return r
+    quality = pd.read_parquet(root / "tables" / "attribution_quality.parquet")
+    queries = pd.read_json(root / "data" / "queries.jsonl", lines=True)
+    r["quality"] = quality.to_dict(orient="records")
+    if "link_doc_ids" in queries:
+        r["links"] = link_stats(root, queries)
+    return r
+
+
+def markdown(rows: list[dict]) -> str:
+    """MRR and Recall@10 per method and world, the accuracies, and the link statistics."""
+    parts = []
+    for r in rows:
+        acc, ft = r["accuracy"], r["finetune"]
+        text = (f"### {r['world']} world ({r['documents']} documents, {r['queries']} queries; fine-tuning "
+                f"{ft['epochs']} epochs at lr {ft['lr']:g})\n\n"
+                f"answer accuracy: fine-tuned {acc['finetuned_test_qa']:.3f} on the test queries, "
+                f"{acc['finetuned_train_qa']:.3f} on the fine-tuning pairs; pre-trained cloze "
+                f"{acc['pretrained_test_cloze']:.3f}")
+        if "quality" in r:
+            t = pd.DataFrame(r["quality"])[["method", "mrr", "recall_at_k"]]
+            t = t.rename(columns={"recall_at_k": "recall@10"})
+            if "links" in r:
+                for stat in ("top1_is_link", "link_mrr"):
+                    t[stat] = t.method.map({m: v[stat] for m, v in r["links"].items()})
+            text += "\n\n" + t.to_markdown(index=False, floatfmt=".3f")
+        parts.append(text)
+    return "\n\n".join(parts) + "\n"
+
+
+def main() -> None:
+    """Build, attribute and evaluate the worlds; append their rows and write the tables."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worlds", nargs="+", default=["alias", "demo"], choices=sorted(FOLDERS))
+    ap.add_argument("--root", default=str(ROOT / "lakehouse"), help="the worlds are built in <root>/demo[_alias]")
+    ap.add_argument("--finetune-epochs", type=int, help="another fine-tuning schedule: epochs")
+    ap.add_argument("--finetune-lr", type=float, help="another fine-tuning schedule: peak learning rate")
+    ap.add_argument("--accuracy-only", action="store_true", help="build and record accuracies; no pipeline run")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "alias_world.jsonl"))
+    ap.add_argument("--md", default=str(ROOT / "bench" / "results" / "alias_world.md"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    rows = []
+    for world in args.worlds:
+        folder = FOLDERS[world] + (f"_ft{args.finetune_epochs}" if args.finetune_epochs else "")
+        p = params(world, args.finetune_epochs, args.finetune_lr)
+        root = ensure(Path(args.root) / folder, p, attribute=not args.accuracy_only)
+        rows.append(row(world, root, attributed=not args.accuracy_only))
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(rows[-1]) + "\n")
+    text = markdown(rows)
+    Path(args.md).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 alias, through the pipeline, beside the plain demo world.
 
 Run:  .venv/bin/python bench/alias_world.py [--worlds alias demo] [--root lakehouse]
-          [--finetune-epochs N --finetune-lr LR [--accuracy-only]]
+          [--finetune-epochs N --finetune-lr LR [--accuracy-only]] [--candidates K [--methods ...]]
           [--out bench/results/alias_world.jsonl] [--md bench/results/alias_world.md]
 
 The ``alias`` world (``msif_demo.DemoParams(size="alias")``: ``WorldParams(alias_share=1.0)``) is the demo
@@ -17,10 +17,14 @@ For each world: build it under ``<root>/demo`` or ``<root>/demo_alias`` (skipped
 experiment file (``dagster_project/demo.toml`` rooted there: every document scored, damping 1e-4), run
 ``msif run`` on it, and read ``attribution_quality`` (MRR, Recall@10 per method against the true sources)
 and the build's answer accuracies. For the alias world also: how often each method ranks a link document
-first, and the MRR of the link documents (what retrieval finds instead). One row per world in ``--out``.
+first, and the MRR of the link documents (what retrieval finds instead). One row per world is appended to
+``--out``; ``--md`` holds the latest row of every configuration there.
 
 ``--finetune-epochs`` / ``--finetune-lr`` build a variant with another fine-tuning schedule (in
 ``<folder>_ft<N>``); ``--accuracy-only`` records only its answer accuracies (no pipeline run).
+``--candidates K`` attributes the world as the pipeline's default does (the K nearest sentence embeddings per
+query and shard, reranked) with ``--methods`` (default: the six, ``ms_if_cosine`` and the mixed ``ms_if_rrf``),
+in ``<world>/candidates_<K>``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +76,22 @@ def ensure(root: Path, p: DemoParams, attribute: bool = True) -> Path:
     return root
 
 
+def attribute_variant(world: Path, candidates: int, methods: list[str]) -> Path:
+    """The world attributed with ``candidates`` nearest embeddings per query and shard and ``methods``, in a
+    lakehouse of its own (``<world>/candidates_<k>``, the models and data read from the world)."""
+    root = world / f"candidates_{candidates}"
+    root.mkdir(exist_ok=True)
+    text = (ROOT / "dagster_project" / "demo.toml").read_text()
+    for key in ("models/", "data/"):
+        text = text.replace(f'"{key}', f'"../{key}')
+    text = text.replace('candidates = "all"', f"candidates = {candidates}")
+    text = re.sub(r"^methods = .*$", f"methods = {json.dumps(methods)}", text, count=1, flags=re.MULTILINE)
+    (root / "experiment.toml").write_text(text)
+    msif = str(ROOT / ".venv" / "bin" / "msif")
+    subprocess.run([msif, "run", str(root / "experiment.toml")], check=True, cwd=ROOT)
+    return root
+
+
 def scores_of(root: Path) -> pd.DataFrame:
     """Every (method, query, document) score of the world's influence_scores tables."""
     files = sorted((root / "tables" / "influence_scores").glob("*.parquet"))
@@ -95,20 +116,24 @@ def link_stats(root: Path, queries: pd.DataFrame) -> dict[str, dict[str, float]]
     return out
 
 
-def row(world: str, root: Path, attributed: bool = True) -> dict:
-    """The row of one world: sizes, schedule, accuracies, attribution quality per method (and link statistics)."""
+def row(world: str, root: Path, attributed: Path | None) -> dict:
+    """The row of one world (built under ``root``, its tables in the lakehouse ``attributed``): sizes, schedule,
+    accuracies, attribution quality per method (and link statistics)."""
     report = json.loads((root / "demo_report.json").read_text())
     r = {"world": world, "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "documents": report["world"]["n_documents"],
          "queries": report["world"]["n_queries"], "finetune": {k: report["params"]["finetune"][k]
                                                                for k in ("epochs", "lr")},
          "accuracy": report["accuracy"]}
-    if not attributed:
+    if attributed is None:
         return r
-    quality = pd.read_parquet(root / "tables" / "attribution_quality.parquet")
+    toml = (attributed / "experiment.toml").read_text()
+    r["candidates"] = next(x.split("=")[1].split("#")[0].strip() for x in toml.splitlines()
+                           if x.startswith("candidates"))
+    quality = pd.read_parquet(attributed / "tables" / "attribution_quality.parquet")
     queries = pd.read_json(root / "data" / "queries.jsonl", lines=True)
     r["quality"] = quality.to_dict(orient="records")
     if "link_doc_ids" in queries:
-        r["links"] = link_stats(root, queries)
+        r["links"] = link_stats(attributed, queries)
     return r
 
 
@@ -117,8 +142,9 @@ def markdown(rows: list[dict]) -> str:
     parts = []
     for r in rows:
         acc, ft = r["accuracy"], r["finetune"]
+        cand = f"; candidates {r['candidates']}" if "candidates" in r else ""
         text = (f"### {r['world']} world ({r['documents']} documents, {r['queries']} queries; fine-tuning "
-                f"{ft['epochs']} epochs at lr {ft['lr']:g})\n\n"
+                f"{ft['epochs']} epochs at lr {ft['lr']:g}{cand})\n\n"
                 f"answer accuracy: fine-tuned {acc['finetuned_test_qa']:.3f} on the test queries, "
                 f"{acc['finetuned_train_qa']:.3f} on the fine-tuning pairs; pre-trained cloze "
                 f"{acc['pretrained_test_cloze']:.3f}")
@@ -141,6 +167,10 @@ def main() -> None:
     ap.add_argument("--finetune-epochs", type=int, help="another fine-tuning schedule: epochs")
     ap.add_argument("--finetune-lr", type=float, help="another fine-tuning schedule: peak learning rate")
     ap.add_argument("--accuracy-only", action="store_true", help="build and record accuracies; no pipeline run")
+    ap.add_argument("--candidates", type=int, help="attribute with this many nearest embeddings per query and "
+                    "shard (in <world>/candidates_<k>) instead of every document")
+    ap.add_argument("--methods", nargs="+", default=["ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever",
+                                                     "ms_if_cosine", "ms_if_rrf"], help="with --candidates")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "alias_world.jsonl"))
     ap.add_argument("--md", default=str(ROOT / "bench" / "results" / "alias_world.md"))
     args = ap.parse_args()
@@ -149,13 +179,17 @@ def main() -> None:
     for world in args.worlds:
         folder = FOLDERS[world] + (f"_ft{args.finetune_epochs}" if args.finetune_epochs else "")
         p = params(world, args.finetune_epochs, args.finetune_lr)
-        root = ensure(Path(args.root) / folder, p, attribute=not args.accuracy_only)
-        rows.append(row(world, root, attributed=not args.accuracy_only))
+        root = ensure(Path(args.root) / folder, p, attribute=not args.accuracy_only and not args.candidates)
+        lake = None if args.accuracy_only else root
+        if args.candidates and not args.accuracy_only:
+            lake = attribute_variant(root, args.candidates, args.methods)
+        rows.append(row(world, root, lake))
         with open(args.out, "a") as fh:
             fh.write(json.dumps(rows[-1]) + "\n")
-    text = markdown(rows)
-    Path(args.md).write_text(text)
-    print(text)
+    every = [json.loads(x) for x in Path(args.out).read_text().splitlines() if x.strip()]
+    latest = {(r["world"], r.get("candidates"), r["finetune"]["epochs"], r["finetune"]["lr"]): r for r in every}
+    Path(args.md).write_text(markdown(list(latest.values())))  # the latest row of every configuration
+    print(markdown(rows))
 
 
 if __name__ == "__main__":

@@ -109,14 +109,15 @@ def summarise(rows: list[dict], base: pd.DataFrame, n_boot: int, seed: int) -> p
 
 
 def markdown(summary: pd.DataFrame, meta: dict) -> str:
-    lines = [f"Counterfactual test on the demo world ({meta['groups']} groups x {meta['group_size']} queries, "
+    lines = [f"Counterfactual test on the {meta.get('world', 'demo')} world ({meta['groups']} groups x "
+             f"{meta['group_size']} queries, "
              f"seed {meta['seed']}; reference: retrain with nothing removed, "
              f"{'identical to' if meta['reproduces_checkpoint'] else 'NOT identical to'} the shipped checkpoint; "
              f"one retrain {meta['retrain_s']:.0f} s)", "",
              "| k | method | documents removed per group | true sources among them | Δ −log p(answer) [95% CI] | "
              "accuracy drop [95% CI] |", "|---|---|---|---|---|---|"]
     for r in summary.itertuples():
-        k = "all true" if r.k is None or (isinstance(r.k, float) and np.isnan(r.k)) else int(r.k)
+        k = "all" if r.k is None or (isinstance(r.k, float) and np.isnan(r.k)) else int(r.k)
         lines.append(f"| {k} | {r.method} | {r.removed_mean:.0f} | {r.true_removed_mean:.0f} | "
                      f"{r.delta_nll:+.3f} [{r.delta_nll_lo:+.3f}, {r.delta_nll_hi:+.3f}] | "
                      f"{r.accuracy_drop:+.3f} [{r.accuracy_drop_lo:+.3f}, {r.accuracy_drop_hi:+.3f}] |")
@@ -191,7 +192,7 @@ def main() -> None:
     base_row = next(r for r in done if r["method"] == "baseline")
     base = pd.DataFrame(base_row["queries"])
     summary = summarise(done, base, args.boot, args.seed)
-    meta = {"groups": len(groups), "group_size": args.group_size, "seed": args.seed,
+    meta = {"world": world.params.size, "groups": len(groups), "group_size": args.group_size, "seed": args.seed,
             "reproduces_checkpoint": base_row["reproduces_checkpoint"],
             "retrain_s": float(np.median([r["pretrain_s"] + r["finetune_s"] for r in done]))}
     text = markdown(summary, meta)

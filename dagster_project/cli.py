@@ -78,10 +78,11 @@ def _print_summary(cfg, n_queries: int = 3, top: int = 5) -> None:
             q = run_named(con, "quality")
             print(f"\nFact-tracing quality over {int(q.n_queries.max())} queries "
                   f"(candidates per query and shard: {cfg.scores.candidates})")
-            print(f"  {'method':<10} {'MRR':>7} {'Recall@10':>10}")
+            w = max(10, *(len(m) for m in q.method))
+            print(f"  {'method':<{w}} {'MRR':>7} {'Recall@10':>10}")
             for r in q.itertuples():
                 note = f"  (mixed: fuses the ranks of {' and '.join(MIXED[r.method])})" if r.method in MIXED else ""
-                print(f"  {r.method:<10} {r.mrr:>7.3f} {r.recall_at_k:>10.3f}{note}")
+                print(f"  {r.method:<{w}} {r.mrr:>7.3f} {r.recall_at_k:>10.3f}{note}")
     finally:
         con.close()
     print(f"\nSQL:    duckdb {layout.database}   (views: influence_scores, top_influences, documents, queries)")

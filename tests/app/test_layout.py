@@ -65,7 +65,7 @@ PINNED_DEMO_VERSIONS = {
     "influence_scores": "1-d24e193137d93243-2f3cd648", "pretrain_covariance_sums": "1-c996b4cfebdf63a2",
     "pretrain_eigenbasis": "1-c996b4cfebdf63a2", "pretrain_factors": "1-c996b4cfebdf63a2-d4d1c340",
     "pretrain_lambda_sums": "1-c996b4cfebdf63a2", "query_ihvps": "1-5094dc2fc54b8099-96655472",
-    "score_tables": "1-959367fdc91cb53e",
+    "score_tables": "1-a1ad1dbf1cbb45d9",
     "influence_index": "1-ad3c2025678fd516-923bdb42", "query_vectors": "1-93ec5e6649219f3a-923bdb42"}
 
 

@@ -17,7 +17,7 @@ from msif_core.tables import RANK_ORDER_SQL, long_table, with_rank
 
 def test_registry() -> None:
     assert methods.DEFAULT_METHODS == ("ms_if", "ss_if", "gdp", "repsim", "bm25", "retriever")
-    assert methods.ALL_METHODS == methods.DEFAULT_METHODS + ("ms_if_unit", "ms_if_cosine", "ms_if_rrf")  # not ms_if_index
+    assert methods.ALL_METHODS == methods.DEFAULT_METHODS + ("ms_if_unit", "ms_if_cosine", "ms_if_rrf")  # no index
     assert ScoreSettings().methods == methods.DEFAULT_METHODS
     assert methods.GRADIENT_METHODS == ("ms_if", "ss_if", "gdp")
     assert methods.needs_pretrain_factors(["gdp", "ms_if"]) and not methods.needs_pretrain_factors(["ss_if", "bm25"])

@@ -116,6 +116,33 @@ def link_stats(root: Path, queries: pd.DataFrame) -> dict[str, dict[str, float]]
     return out
 
 
+def rrf_sweep(lake: Path, queries: pd.DataFrame, ks=(1, 10, 30, 60, 200), weights=(0.5, 1, 2, 3)) -> list[dict]:
+    """MRR and Recall@10 of the fusion w / (k + retriever rank) + 1 / (k + MS-IF rank) for each k and retriever
+    weight w, from the stored rows of ``lake`` (ranks per query over its candidates; ties by doc_id). ms_if_rrf is
+    k = 60, w = 1. Choosing k or w from this table is choosing on the ground truth: it says how sensitive the
+    fusion is, not which setting to ship."""
+    from msif_core.metrics import evaluate_rankings
+
+    s = scores_of(lake)
+    s = s[s.method.isin(["ms_if", "retriever"])].sort_values(["query_id", "method", "score", "doc_id"],
+                                                            ascending=[True, True, False, True])
+    s["rank"] = s.groupby(["query_id", "method"]).cumcount() + 1
+    ranks = s.pivot_table(index="doc_id", columns=["method", "query_id"], values="rank")
+    qids = [q for q in queries.query_id if q in ranks["ms_if"].columns]
+    r_ms, r_ret = ranks["ms_if"][qids].to_numpy(), ranks["retriever"][qids].to_numpy()
+    truth = queries.set_index("query_id").loc[qids].true_doc_ids.tolist()
+    docs = ranks.index.tolist()
+    out = []
+    for k in ks:
+        for w in weights:
+            fused = np.nan_to_num(w / (k + r_ret)) + np.nan_to_num(1 / (k + r_ms))
+            fused[np.isnan(r_ms) & np.isnan(r_ret)] = -np.inf  # not a candidate of this query: last
+            t = evaluate_rankings({"fused": fused}, docs, truth, query_ids=qids)
+            out.append({"k": k, "retriever_weight": w, "mrr": float(t.mrr.iloc[0]),
+                        "recall_at_10": float(t.recall_at_10.iloc[0])})
+    return out
+
+
 def row(world: str, root: Path, attributed: Path | None) -> dict:
     """The row of one world (built under ``root``, its tables in the lakehouse ``attributed``): sizes, schedule,
     accuracies, attribution quality per method (and link statistics)."""
@@ -134,6 +161,8 @@ def row(world: str, root: Path, attributed: Path | None) -> dict:
     r["quality"] = quality.to_dict(orient="records")
     if "link_doc_ids" in queries:
         r["links"] = link_stats(attributed, queries)
+    if attributed != root:  # a rerank of candidates: how the fusion depends on its constants
+        r["rrf_sweep"] = rrf_sweep(attributed, queries)
     return r
 
 
@@ -155,6 +184,13 @@ def markdown(rows: list[dict]) -> str:
                 for stat in ("top1_is_link", "link_mrr"):
                     t[stat] = t.method.map({m: v[stat] for m, v in r["links"].items()})
             text += "\n\n" + t.to_markdown(index=False, floatfmt=".3f")
+        if "rrf_sweep" in r:
+            sweep = pd.DataFrame(r["rrf_sweep"])
+            text += ("\n\nFusion w / (k + retriever rank) + 1 / (k + MS-IF rank) (ms_if_rrf: k = 60, w = 1), MRR / "
+                     "Recall@10 (chosen on the ground truth: sensitivity, not a setting to ship):\n\n"
+                     + sweep.pivot(index="k", columns="retriever_weight", values="mrr").round(3).astype(str)
+                     .add(" / ").add(sweep.pivot(index="k", columns="retriever_weight", values="recall_at_10")
+                                     .round(3).astype(str)).to_markdown())
         parts.append(text)
     return "\n\n".join(parts) + "\n"
 

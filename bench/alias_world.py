@@ -105,7 +105,9 @@ def link_stats(root: Path, queries: pd.DataFrame) -> dict[str, dict[str, float]]
     links = queries.set_index("query_id").link_doc_ids
     for method, rows in scores.groupby("method"):
         wide = rows.pivot(index="doc_id", columns="query_id", values="score")
-        qids = [q for q in wide.columns if q in links.index]
+        qids = [q for q in wide.columns if q in links.index and isinstance(links[q], list)]  # aliased queries
+        if not qids:
+            continue
         mat = wide[qids].to_numpy()
         top = wide.index.to_numpy()[np.nanargmax(np.nan_to_num(mat, nan=-np.inf), axis=0)]
         out[str(method)] = {

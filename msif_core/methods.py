@@ -173,16 +173,22 @@ def score(method: str, pt: Stage, ft: Stage, documents: Encoded, *, ihvps: Query
 
 
 def rrf_scores(*scores: np.ndarray, k: int = RRF_K) -> np.ndarray:
-    """Reciprocal-rank fusion of score matrices [documents, queries]: Σ over the inputs of 1 / (k + rank), rank
-    1 = highest score within a query's column (ties by document order, NaN = not scored: no term)."""
+    """Reciprocal-rank fusion of score matrices [documents, queries] of one shape: Σ over the inputs of
+    1 / (k + rank), rank 1 = highest score within a query's column (ties by document order; NaN = not scored:
+    no term, and NaN where no input scored the document)."""
+    shapes = {np.shape(s) for s in scores}
+    if len(shapes) != 1:
+        raise ValueError(f"rrf_scores: the score matrices differ in shape: {sorted(shapes)}")
     out = np.zeros(np.shape(scores[0]))
+    scored = np.zeros(np.shape(scores[0]), dtype=bool)
     for s in scores:
         s = np.asarray(s, dtype=float)
+        scored |= ~np.isnan(s)
         for j in range(s.shape[1]):
             ok = np.flatnonzero(~np.isnan(s[:, j]))
             order = ok[np.argsort(-s[ok, j], kind="stable")]
             out[order, j] += 1.0 / (k + np.arange(1, len(order) + 1))
-    return out
+    return np.where(scored, out, np.nan)
 
 
 def headline(methods: Iterable[str]) -> str:

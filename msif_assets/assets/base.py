@@ -278,6 +278,12 @@ def pool_turn(context: dg.AssetExecutionContext, pool: str = POOL) -> Iterator[N
     if not limit:
         yield
         return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a read-only instance folder: Dagster's own cap only
+        context.log.warning(f"{folder}: cannot hold a slot file of the pool {pool} ({e}); Dagster's claim only")
+        yield
+        return
     with pool_slot(folder, pool, limit, on_wait=context.log.info):
         yield
 

@@ -227,3 +227,6 @@ def test_rrf_scores_skips_unscored_documents() -> None:
     b = np.array([[0.0], [5.0], [4.0], [4.0]])  # a tie: the earlier document ranks first
     want = [1 / 61 + 1 / 64, 1 / 63 + 1 / 61, 1 / 62, 1 / 62 + 1 / 63]
     np.testing.assert_allclose(rrf_scores(a, b)[:, 0], want, rtol=1e-15)
+    assert np.isnan(rrf_scores(np.array([[np.nan], [1.0]]), np.array([[np.nan], [2.0]]))[0, 0])  # scored by none
+    with pytest.raises(ValueError, match="differ in shape"):
+        rrf_scores(a, b[:3])

@@ -415,6 +415,7 @@ def tol_for(arch: str, tol: float = 1e-9) -> float:
 
 def assert_scaled_close(x: torch.Tensor, y: torch.Tensor, what: str, tol: float = 1e-9) -> None:
     """|x − y| ≤ tol · max |y| elementwise (both on the CPU)."""
+    assert x.shape == y.shape and x.dtype == y.dtype, f"{what}: {x.shape} {x.dtype} vs {y.shape} {y.dtype}"
     scale = y.abs().max().clamp_min(1e-30)
     err = float((x - y).abs().max() / scale)
     assert err <= tol, f"{what}: max error {err:.3g} of the largest entry (tolerance {tol:g})"

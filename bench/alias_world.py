@@ -123,23 +123,20 @@ def rrf_sweep(lake: Path, queries: pd.DataFrame, ks=(1, 10, 30, 60, 200), weight
     weight w, from the stored rows of ``lake`` (ranks per query over its candidates; ties by doc_id). ms_if_rrf is
     k = 60, w = 1. Choosing k or w from this table is choosing on the ground truth: it says how sensitive the
     fusion is, not which setting to ship."""
+    from msif_core.methods import rrf_scores
     from msif_core.metrics import evaluate_rankings
 
     s = scores_of(lake)
-    s = s[s.method.isin(["ms_if", "retriever"])].sort_values(["query_id", "method", "score", "doc_id"],
-                                                            ascending=[True, True, False, True])
-    s["rank"] = s.groupby(["query_id", "method"]).cumcount() + 1
-    ranks = s.pivot_table(index="doc_id", columns=["method", "query_id"], values="rank")
-    qids = [q for q in queries.query_id if q in ranks["ms_if"].columns]
-    r_ms, r_ret = ranks["ms_if"][qids].to_numpy(), ranks["retriever"][qids].to_numpy()
+    wide = s[s.method.isin(["ms_if", "retriever"])].pivot_table(index="doc_id", columns=["method", "query_id"],
+                                                                  values="score")
+    qids = [q for q in queries.query_id if q in wide["ms_if"].columns]
+    ms, ret = wide["ms_if"][qids].to_numpy(), wide["retriever"][qids].to_numpy()
     truth = queries.set_index("query_id").loc[qids].true_doc_ids.tolist()
-    docs = ranks.index.tolist()
     out = []
     for k in ks:
         for w in weights:
-            fused = np.nan_to_num(w / (k + r_ret)) + np.nan_to_num(1 / (k + r_ms))
-            fused[np.isnan(r_ms) & np.isnan(r_ret)] = -np.inf  # not a candidate of this query: last
-            t = evaluate_rankings({"fused": fused}, docs, truth, query_ids=qids)
+            fused = np.nan_to_num(rrf_scores(ret, ms, k=k, weights=(w, 1.0)), nan=-np.inf)  # not a candidate: last
+            t = evaluate_rankings({"fused": fused}, wide.index.tolist(), truth, query_ids=qids)
             out.append({"k": k, "retriever_weight": w, "mrr": float(t.mrr.iloc[0]),
                         "recall_at_10": float(t.recall_at_10.iloc[0])})
     return out

@@ -172,22 +172,22 @@ def score(method: str, pt: Stage, ft: Stage, documents: Encoded, *, ihvps: Query
     raise ValueError(f"no scorer for method {method!r}")  # pragma: no cover - every registered method has one
 
 
-def rrf_scores(*scores: np.ndarray, k: int = RRF_K) -> np.ndarray:
+def rrf_scores(*scores: np.ndarray, k: float = RRF_K, weights: Sequence[float] | None = None) -> np.ndarray:
     """Reciprocal-rank fusion of score matrices [documents, queries] of one shape: Σ over the inputs of
     1 / (k + rank), rank 1 = highest score within a query's column (ties by document order; NaN = not scored:
-    no term, and NaN where no input scored the document)."""
+    no term, and NaN where no input scored the document); ``weights`` scale each input's terms (default 1)."""
     shapes = {np.shape(s) for s in scores}
     if len(shapes) != 1:
         raise ValueError(f"rrf_scores: the score matrices differ in shape: {sorted(shapes)}")
     out = np.zeros(np.shape(scores[0]))
     scored = np.zeros(np.shape(scores[0]), dtype=bool)
-    for s in scores:
+    for s, w in zip(scores, weights if weights is not None else [1.0] * len(scores), strict=True):
         s = np.asarray(s, dtype=float)
         scored |= ~np.isnan(s)
         for j in range(s.shape[1]):
             ok = np.flatnonzero(~np.isnan(s[:, j]))
             order = ok[np.argsort(-s[ok, j], kind="stable")]
-            out[order, j] += 1.0 / (k + np.arange(1, len(order) + 1))
+            out[order, j] += w / (k + np.arange(1, len(order) + 1))
     return np.where(scored, out, np.nan)
 
 

@@ -228,5 +228,7 @@ def test_rrf_scores_skips_unscored_documents() -> None:
     want = [1 / 61 + 1 / 64, 1 / 63 + 1 / 61, 1 / 62, 1 / 62 + 1 / 63]
     np.testing.assert_allclose(rrf_scores(a, b)[:, 0], want, rtol=1e-15)
     assert np.isnan(rrf_scores(np.array([[np.nan], [1.0]]), np.array([[np.nan], [2.0]]))[0, 0])  # scored by none
+    np.testing.assert_allclose(rrf_scores(a, b, k=1, weights=(2.0, 1.0))[:, 0],
+                               [2 / 2 + 1 / 5, 2 / 4 + 1 / 2, 1 / 3, 2 / 3 + 1 / 4], rtol=1e-15)
     with pytest.raises(ValueError, match="differ in shape"):
         rrf_scores(a, b[:3])

@@ -42,6 +42,7 @@ Example (every key but the paths shows its default)::
     damping_finetune = 1e-4
     candidates = 100                # nearest documents per query and shard, "all", or "index" (needs [index])
     query_rank = 0                  # 0 exact; r > 0 rank-r query iHVPs (of each module)
+    rrf_k = 1                       # the constant of the mixed ms_if_rrf: sum of 1 / (k + rank)
     # memory_gib = 8                # memory budget of the process, models included; default: half the memory available
 
     [index]                         # the pre-training influence index (msif_core.index); off by default
@@ -63,7 +64,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from msif_core.methods import ALL_METHODS, DERIVED, MIXED
+from msif_core.methods import ALL_METHODS, DERIVED, MIXED, RRF_K
 from msif_core.settings import FactorSettings, IndexSettings, ScoreSettings, setting
 
 ENV_VAR = "MSIF_CONFIG"
@@ -80,6 +81,8 @@ class PipelineScoreSettings(ScoreSettings):
 
     candidates: int | str = setting(100, 'nearest documents per query and shard (LanceDB), "all", or "index" (each '
                                          "query's top [index] rerank by the influence index)", minimum=1)
+    rrf_k: int = setting(RRF_K, "the constant k of the mixed ms_if_rrf, Σ 1 / (k + rank): small k favours each "
+                                "ranking's first documents", minimum=1)
 
 
 @dataclass(frozen=True)
@@ -358,6 +361,7 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
                                module_tags=tuple(get("factors", "module_tags").items())),
         scores=PipelineScoreSettings(methods=tuple(methods), damping_pretrain=damping["damping_pretrain"],
                                      damping_finetune=damping["damping_finetune"], candidates=cand,
+                                     rrf_k=get("scores", "rrf_k"),
                                      query_rank=get("scores", "query_rank"),
                                      memory_gib=None if mem is None else float(mem)),
         index=IndexSettings(**{k: get("index", k) for k in _SCHEMA["index"]}),

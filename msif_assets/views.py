@@ -41,18 +41,19 @@ def _files(paths: list[Path]) -> str:
     return "[" + ", ".join(_lit(p) for p in paths) + "]"
 
 
-def fused_rows_sql(method: str) -> str:
+def fused_rows_sql(method: str, k: int | None = None) -> str:
     """The rows of the mixed method ``method`` (:data:`msif_core.methods.MIXED`): per query and document,
-    Σ 1 / (RRF_K + rank) over the fused methods' ranks across all shards (a document one of them did not score
-    gets no term from it), with its rank inside its shard; damping and MLP columns are NULL (a ranking, not a
-    score of the model)."""
+    Σ 1 / (k + rank) (default :data:`msif_core.methods.RRF_K`) over the fused methods' ranks across all shards
+    (a document one of them did not score gets no term from it), with its rank inside its shard; damping and
+    MLP columns are NULL (a ranking, not a score of the model)."""
     from msif_core.methods import MIXED, RRF_K
 
     parts = ", ".join(f"'{m}'" for m in MIXED[method])
+    k = RRF_K if k is None else int(k)
     return (f"WITH r AS (SELECT query_id, doc_id, shard, candidate_distance, pretrained_version, finetuned_version, "
             f"row_number() OVER (PARTITION BY query_id, method {RANK_ORDER_SQL}) AS r FROM stored_scores "
             f"WHERE method IN ({parts}) AND score IS NOT NULL AND NOT isnan(score)), "
-            f"f AS (SELECT query_id, doc_id, '{method}' AS method, sum(1.0 / ({RRF_K} + r)) AS score, "
+            f"f AS (SELECT query_id, doc_id, '{method}' AS method, sum(1.0 / ({k} + r)) AS score, "
             "any_value(shard) AS shard, any_value(candidate_distance) AS candidate_distance, "
             "any_value(pretrained_version) AS pretrained_version, any_value(finetuned_version) AS finetuned_version "
             "FROM r GROUP BY query_id, doc_id) "
@@ -60,10 +61,12 @@ def fused_rows_sql(method: str) -> str:
             "FROM f")
 
 
-def view_statements(layout: Layout, shards: list[str] | None = None, mixed: Sequence[str] = ()) -> list[str]:
+def view_statements(layout: Layout, shards: list[str] | None = None, mixed: Sequence[str] = (),
+                    rrf_k: int | None = None) -> list[str]:
     """The CREATE VIEW statements for ``layout``: over the tables of ``shards`` by name (a stray file in a
     table folder is not read), or of every file in the folders when ``shards`` is None; ``mixed`` methods
-    (rankings fused from stored ones, :func:`fused_rows_sql`) are added to ``influence_scores_by_shard``."""
+    (rankings fused from stored ones with constant ``rrf_k``, :func:`fused_rows_sql`) are added to
+    ``influence_scores_by_shard``."""
     t = layout.tables
     if shards:
         docs, cands, scores = (_files([f(k) for k in shards])
@@ -76,11 +79,11 @@ def view_statements(layout: Layout, shards: list[str] | None = None, mixed: Sequ
         f"CREATE OR REPLACE VIEW candidates AS SELECT * FROM read_parquet({cands})",
         f"CREATE OR REPLACE VIEW stored_scores AS SELECT * FROM read_parquet({scores})",
         "CREATE OR REPLACE VIEW influence_scores_by_shard AS SELECT * FROM stored_scores"
-        + "".join(f" UNION ALL BY NAME ({fused_rows_sql(m)})" for m in mixed),
+        + "".join(f" UNION ALL BY NAME ({fused_rows_sql(m, rrf_k)})" for m in mixed),
         "CREATE OR REPLACE VIEW influence_scores AS SELECT query_id, doc_id, method, score, "
         f"row_number() OVER (PARTITION BY query_id, method {RANK_ORDER_SQL}) AS rank, mlp_score, mha_score, "
-        "damping_pretrain, damping_finetune, pretrained_version, finetuned_version, shard, shard_rank, "
-        "candidate_distance FROM influence_scores_by_shard",
+        "self_influence, damping_pretrain, damping_finetune, pretrained_version, finetuned_version, shard, "
+        "shard_rank, candidate_distance FROM influence_scores_by_shard",
         "CREATE OR REPLACE VIEW top_influences AS "
         f"WITH top AS (SELECT *, row_number() OVER (PARTITION BY query_id, method {RANK_ORDER_SQL}) AS rank "
         f"FROM influence_scores_by_shard WHERE shard_rank <= {TOP_K}) "
@@ -93,16 +96,17 @@ def view_statements(layout: Layout, shards: list[str] | None = None, mixed: Sequ
     ]
 
 
-def create_database(layout: Layout, shards: list[str] | None = None, mixed: Sequence[str] = ()) -> Path:
-    """(Re)write ``msif.duckdb`` with the views (over ``shards``' tables, with the ``mixed`` methods' rows, see
-    :func:`view_statements`), atomically (temporary file + rename)."""
+def create_database(layout: Layout, shards: list[str] | None = None, mixed: Sequence[str] = (),
+                    rrf_k: int | None = None) -> Path:
+    """(Re)write ``msif.duckdb`` with the views (over ``shards``' tables, with the ``mixed`` methods' rows of
+    constant ``rrf_k``, see :func:`view_statements`), atomically (temporary file + rename)."""
     target = layout.database
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
         con = duckdb.connect(str(tmp))
         try:
-            for stmt in view_statements(layout, shards, mixed):
+            for stmt in view_statements(layout, shards, mixed, rrf_k):
                 con.execute(stmt)
             con.execute("CHECKPOINT")
         finally:

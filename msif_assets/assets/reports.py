@@ -19,7 +19,7 @@ from .base import Step, Timer, asset
 
 @asset("score_tables", "reports", lambda cfg, _: f"{cfg.root / 'msif.duckdb'}: DuckDB views documents, queries, "
        "candidates, influence_scores (global rank), top_influences.", deps=["influence_scores"],
-       settings=["scores.methods"], kinds=["duckdb"], outputs=lambda lay, k, _: [lay.database])
+       settings=["scores.methods", "scores.rrf_k"], kinds=["duckdb"], outputs=lambda lay, k, _: [lay.database])
 def score_tables(step: Step) -> dg.MaterializeResult:
     """(Re)write ``msif.duckdb`` with its views and summarise what they hold."""
     layout = step.layout
@@ -28,7 +28,7 @@ def score_tables(step: Step) -> dg.MaterializeResult:
     missing = [k for k in keys if not layout.scores(k).exists()]
     if missing:
         raise dg.Failure(f"influence_scores partitions {missing} have no table yet; materialise them first")
-    create_database(layout, keys, [m for m in step.cfg.scores.methods if m in MIXED])
+    create_database(layout, keys, [m for m in step.cfg.scores.methods if m in MIXED], step.cfg.scores.rrf_k)
     con = step.lakehouse.duckdb()
     try:
         stats = con.execute("SELECT count(*), count(DISTINCT query_id), count(DISTINCT doc_id), "

@@ -26,12 +26,15 @@ def _scores_schema():
 
     return pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("method", pa.string()),
                       ("score", pa.float64()), ("mlp_score", pa.float64()), ("mha_score", pa.float64()),
-                      ("shard_rank", pa.int64()), ("shard", pa.string()), ("candidate_distance", pa.float64()),
+                      ("self_influence", pa.float64()), ("shard_rank", pa.int64()), ("shard", pa.string()),
+                      ("candidate_distance", pa.float64()),
                       ("damping_pretrain", pa.string()), ("damping_finetune", pa.string()),
                       ("pretrained_version", pa.string()), ("finetuned_version", pa.string())])
 
 
 SCORES_SCHEMA = _scores_schema()  # columns of every influence_scores partition
+# self_influence: the document's ∇ℓ(z)ᵀ P_pt ∇ℓ(z) on θ_pt at damping_pretrain, on the rows of the normalised
+# methods (ms_if_unit, ms_if_cosine: the pass that divides by it computes it); NULL on every other row
 
 
 def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.DataFrame,
@@ -123,6 +126,8 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
     table = pd.concat(frames, ignore_index=True).rename(columns={"distance": "candidate_distance"})
     table = with_rank(table, "shard_rank")
     table["shard"] = key
+    if "self_influence" not in table:  # no normalised method: NULL
+        table["self_influence"] = np.nan
     damping = {m: registry.damping_columns(m, cfg.scores.damping_pretrain, cfg.scores.damping_finetune)
                for m in (*cfg.scores.methods, *(registry.INDEX_METHODS if cfg.index.enabled else ()))
                if m not in registry.MIXED}
@@ -138,7 +143,8 @@ def derived_rows(step: Step, pt, enc, kept: pd.DataFrame, rows: pd.DataFrame, me
                  md: dict[str, Any]) -> list[pd.DataFrame]:
     """Rows of the normalised methods (``ms_if_unit``, ``ms_if_cosine``): their base method's rows with the
     score and its parts divided by each document's gradient norm or √self-influence on θ_pt
-    (:func:`msif_core.index.document_norms`, one pass over the documents those rows name)."""
+    (:func:`msif_core.index.document_norms`, one pass over the documents those rows name), the self-influence
+    itself in column ``self_influence``."""
     import torch
 
     from msif_core.ekfac import Factors
@@ -157,6 +163,7 @@ def derived_rows(step: Step, pt, enc, kept: pd.DataFrame, rows: pd.DataFrame, me
     ids = kept.doc_id.iloc[pos].tolist()
     by = {"ms_if_unit": pd.Series(np.sqrt(norms.grad_sq), index=ids),
           "ms_if_cosine": pd.Series(np.sqrt(norms.self_influence), index=ids)}
+    self_influence = pd.Series(norms.self_influence, index=ids)
     out = []
     for m in methods:
         r = base[base.method == registry.DERIVED[m]].copy()
@@ -164,6 +171,7 @@ def derived_rows(step: Step, pt, enc, kept: pd.DataFrame, rows: pd.DataFrame, me
         div = np.where(div > 0, div, np.nan)  # a document without gradient has no direction
         for col in ("score", "mlp_score", "mha_score"):
             r[col] = r[col].to_numpy(dtype=float) / div
+        r["self_influence"] = self_influence.reindex(r.doc_id).to_numpy(dtype=float)
         r["method"] = m
         out.append(r)
         md[f"candidate_pairs/{m}"] = len(r)
@@ -173,8 +181,9 @@ def derived_rows(step: Step, pt, enc, kept: pd.DataFrame, rows: pd.DataFrame, me
 
 def stored_methods_version(cfg) -> str:
     """The methods whose rows influence_scores stores (a mixed method is computed by the SQL views: adding one
-    rescores nothing)."""
-    return "methods=" + ",".join(m for m in cfg.scores.methods if m not in registry.MIXED)
+    rescores nothing) and the table's columns (a table written with other columns is rewritten)."""
+    return ("methods=" + ",".join(m for m in cfg.scores.methods if m not in registry.MIXED)
+            + "; columns=" + ",".join(SCORES_SCHEMA.names))
 
 
 @asset("influence_scores", "scores",

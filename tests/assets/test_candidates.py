@@ -34,3 +34,13 @@ def test_attribute_refuses_the_retriever_method() -> None:
     with pytest.raises(ValueError, match="'retriever' is the pipeline's candidate retriever.*msif run"):
         attribute("nowhere/pt", "nowhere/ft", [("d", "text")], [("p", "c")], [("q", "p", "c")],
                   AttributionSettings(methods=("ms_if", "retriever")))
+
+
+@pytest.mark.parametrize("method", ["ms_if_rrf", "ms_if_cosine", "ms_if_index"])
+def test_attribute_refuses_pipeline_only_methods_before_loading(method) -> None:
+    from msif_core.api import AttributionSettings, attribute
+
+    # "nowhere/..." does not exist: the error must come before any checkpoint is opened
+    with pytest.raises(ValueError, match=rf"\['{method}'\] are computed by the pipeline.*msif run"):
+        attribute("nowhere/pt", "nowhere/ft", [("d", "text")], [("p", "c")], [("q", "p", "c")],
+                  AttributionSettings(methods=("ms_if", method)))

@@ -159,6 +159,10 @@ def test_query_ihvps_version_counts_gradient_methods_only(world: Path) -> None:
     fused = versions(["bm25", "ms_if", "retriever", "ms_if_cosine", "ms_if_rrf"])  # a ranking the views compute
     assert fused["influence_scores"] == more["influence_scores"] and fused["query_ihvps"] == more["query_ihvps"]
     assert fused["score_tables"] != more["score_tables"]
+    # the fusion's constant: only the views change
+    other_k = code_versions(load_config(write(world, '[scores]\nmethods = ["bm25", "ms_if", "retriever", '
+                                                     '"ms_if_cosine", "ms_if_rrf"]\nrrf_k = 60\n')), "e")
+    assert {a: v for a, v in other_k.items() if v != fused[a]}.keys() == {"score_tables"}
 
 
 def test_a_mixed_method_needs_the_methods_it_fuses(world: Path) -> None:

@@ -69,6 +69,9 @@ def test_unprojected_index_scores_equal_exact_ms_if(world) -> None:
     cos = t[t.method == "ms_if_cosine"].set_index(["query_id", "doc_id"]).score.reindex(ms.index)
     want = ms / np.sqrt(si.reindex(ms.index.get_level_values("doc_id")).to_numpy())
     assert np.abs(cos - want).max() < 1e-4 * np.abs(want).max()
+    stored = t[t.method == "ms_if_cosine"].set_index("doc_id").self_influence  # the column: the same pass's value
+    assert np.allclose(stored.to_numpy(), si.reindex(stored.index).to_numpy(), rtol=1e-4)
+    assert t[~t.method.isin(["ms_if_cosine", "ms_if_unit"])].self_influence.isna().all()
     unit = t[t.method == "ms_if_unit"].set_index(["query_id", "doc_id"]).score.reindex(ms.index)
     ratio = (ms / unit).groupby(level="doc_id")  # ‖∇ℓ(z)‖: one positive number per document
     assert (ratio.min() > 0).all() and np.allclose(ratio.min(), ratio.max(), rtol=1e-4)

@@ -31,7 +31,8 @@ def lake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, pd.DataFrame
     return _write_lake(tmp_path_factory.mktemp("lake"), METHODS)
 
 
-def _write_lake(root: Path, methods: list[str], mixed: tuple[str, ...] = ()):
+def _write_lake(root: Path, methods: list[str], mixed: tuple[str, ...] = (), rrf_k: int | None = None,
+                unscored: int = 0):
     layout = Layout(root)
     rng = np.random.default_rng(0)
     docs = pd.DataFrame({"doc_id": [f"d{i:02d}" for i in range(N_DOCS)], "text": [f"text {i}" for i in range(N_DOCS)]})
@@ -56,9 +57,10 @@ def _write_lake(root: Path, methods: list[str], mixed: tuple[str, ...] = ()):
             t["score"] = rng.standard_normal(len(t)).round(2)  # rounding makes ties: tie-break by doc_id
             if m == "ms_if":  # make the true sources strong for ms_if
                 t.loc[[d in truth[q] for q, d in zip(t.query_id, t.doc_id)], "score"] += 1.5
+                t.iloc[:unscored, t.columns.get_loc("score")] = np.nan  # documents ms_if could not score
             t["mlp_score"] = t.score * 0.25 if m != "bm25" else np.nan
             t["mha_score"] = t.score * 0.75 if m != "bm25" else np.nan
-            t["shard"], t["candidate_distance"] = key, np.nan
+            t["shard"], t["candidate_distance"], t["self_influence"] = key, np.nan, np.nan
             t["damping_pretrain"] = "1e-06" if m == "ms_if" else None
             t["damping_finetune"] = "1e-06" if m == "ms_if" else None
             t["pretrained_version"], t["finetuned_version"] = "sha256:pt", "sha256:ft"
@@ -67,7 +69,7 @@ def _write_lake(root: Path, methods: list[str], mixed: tuple[str, ...] = ()):
             rows.append(t)
         write_parquet_atomic(pd.concat([r for r in rows if r.shard.iloc[0] == key])[SCORES_SCHEMA.names],
                              layout.scores(key), schema=SCORES_SCHEMA)
-    create_database(layout, mixed=mixed)
+    create_database(layout, mixed=mixed, rrf_k=rrf_k)
     allrows = pd.concat(rows, ignore_index=True)
     allrows["rank"] = _global_rank(allrows)
     return layout, allrows, queries
@@ -181,17 +183,23 @@ def test_database_rewrite_is_atomic_and_idempotent(lake) -> None:
     con.close()
 
 
-def test_fused_ranking_is_reciprocal_rank_fusion_across_shards(tmp_path: Path) -> None:
-    """ms_if_rrf (a mixed method, computed by the views): per query and document Σ 1/(60 + global rank) over
-    MS-IF and the retriever, ranks across all shards with ties by doc_id; ranked inside its shard like a
-    stored method; in quality and top_influences. Checked against an explicit pandas computation, and
-    msif_core's rrf_scores against the same."""
-    from msif_core.methods import rrf_scores
+@pytest.mark.parametrize("rrf_k", [None, 60])
+def test_fused_ranking_is_reciprocal_rank_fusion_across_shards(tmp_path: Path, rrf_k: int | None) -> None:
+    """ms_if_rrf (a mixed method, computed by the views): per query and document Σ 1/(k + global rank) over
+    MS-IF and the retriever, ranks across all shards with ties by doc_id (a NaN score is no rank and no term);
+    ranked inside its shard like a stored method; in quality and top_influences. Checked against an explicit
+    pandas computation, and msif_core's rrf_scores against the same."""
+    from msif_core.methods import RRF_K, rrf_scores
     from msif_core.metrics import evaluate_rankings
 
-    layout, allrows, queries = _write_lake(tmp_path, ["ms_if", "retriever"], mixed=("ms_if_rrf",))
-    want = allrows[["query_id", "doc_id", "method", "rank", "shard"]].copy()
-    want["term"] = 1.0 / (60 + want["rank"])
+    k = RRF_K if rrf_k is None else rrf_k
+    layout, allrows, queries = _write_lake(tmp_path, ["ms_if", "retriever"], mixed=("ms_if_rrf",), rrf_k=rrf_k,
+                                           unscored=3)
+    assert allrows.score.isna().sum() == 3 * (N_DOCS // SHARD)  # three per shard, all of the first query
+    scored = allrows[allrows.score.notna()].copy()
+    scored["rank"] = _global_rank(scored)
+    want = scored[["query_id", "doc_id", "method", "rank", "shard"]].copy()
+    want["term"] = 1.0 / (k + want["rank"])
     want = want.groupby(["query_id", "doc_id"]).agg(score=("term", "sum"), shard=("shard", "first")).reset_index()
     con = connect(layout)
     got = con.execute("SELECT query_id, doc_id, score, shard, shard_rank FROM influence_scores_by_shard "
@@ -210,7 +218,7 @@ def test_fused_ranking_is_reciprocal_rank_fusion_across_shards(tmp_path: Path) -
     qids = list(queries.query_id)
     mats = {m: allrows[allrows.method == m].pivot(index="doc_id", columns="query_id", values="score")
             .loc[doc_ids, qids].to_numpy() for m in ("ms_if", "retriever")}
-    fused = rrf_scores(mats["ms_if"], mats["retriever"])
+    fused = rrf_scores(mats["ms_if"], mats["retriever"], k=k)
     np.testing.assert_allclose(fused, want.pivot(index="doc_id", columns="query_id", values="score")
                                .loc[doc_ids, qids].to_numpy(), rtol=1e-12)
     ref = evaluate_rankings({"ms_if_rrf": fused}, doc_ids, list(queries.true_doc_ids), query_ids=qids)
@@ -226,7 +234,7 @@ def test_rrf_scores_skips_unscored_documents() -> None:
     a = np.array([[3.0], [1.0], [np.nan], [2.0]])
     b = np.array([[0.0], [5.0], [4.0], [4.0]])  # a tie: the earlier document ranks first
     want = [1 / 61 + 1 / 64, 1 / 63 + 1 / 61, 1 / 62, 1 / 62 + 1 / 63]
-    np.testing.assert_allclose(rrf_scores(a, b)[:, 0], want, rtol=1e-15)
+    np.testing.assert_allclose(rrf_scores(a, b, k=60)[:, 0], want, rtol=1e-15)
     assert np.isnan(rrf_scores(np.array([[np.nan], [1.0]]), np.array([[np.nan], [2.0]]))[0, 0])  # scored by none
     np.testing.assert_allclose(rrf_scores(a, b, k=1, weights=(2.0, 1.0))[:, 0],
                                [2 / 2 + 1 / 5, 2 / 4 + 1 / 2, 1 / 3, 2 / 3 + 1 / 4], rtol=1e-15)

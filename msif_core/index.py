@@ -279,6 +279,19 @@ def query_vectors(grads: MeasurementGradients, specs: Sequence[ModuleSpec], ft_f
     return out.numpy()
 
 
+def encode_rows(vectors: np.ndarray, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray | None]:
+    """Index rows as stored: float32 as they are (no scale), or float16 unit rows and their float32 norms
+    (so no value overflows half precision; :func:`search` and :func:`pair_scores` take the norms as
+    ``row_scale``). The stored rows times the norms equal ``vectors`` to float16's relative precision."""
+    if dtype == "float32":
+        return np.ascontiguousarray(vectors, dtype=np.float32), None
+    if dtype != "float16":
+        raise ValueError(f"index dtype must be float32 or float16, got {dtype!r}")
+    norms = np.linalg.norm(np.asarray(vectors, dtype=np.float64), axis=1)
+    unit = np.asarray(vectors, dtype=np.float64) / np.where(norms > 0, norms, 1.0)[:, None]
+    return unit.astype(np.float16), norms.astype(np.float32)
+
+
 def unit_rows(vectors: np.ndarray, sq_norms: np.ndarray | None = None) -> np.ndarray:
     """Rows scaled to unit length (cosine scores; zero rows stay zero); with ``sq_norms`` (the exact
     squared norms of the unprojected rows, :class:`DocumentVectors`) divided by those instead."""
@@ -289,21 +302,49 @@ def unit_rows(vectors: np.ndarray, sq_norms: np.ndarray | None = None) -> np.nda
 def index_scores(queries: np.ndarray, documents: np.ndarray, projection: Projection | None = None
                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Index scores [N, Q] = φ ψᵀ, and with ``projection`` the same per block kind (``mlp``, ``mha``): the
-    products over each kind's columns, whose sum is the score (one product over all columns either way)."""
+    products over each kind's columns, whose sum is the score (one product over all columns either way).
+    Holds [N, Q] float64 scores: for a large corpus, :func:`search` then :func:`pair_scores`."""
     if projection is None:
         return documents.astype(np.float64) @ queries.astype(np.float64).T, {}
-    cols: dict[str, list[int]] = {}
-    for name, j, sl in projection.block_columns():
-        cols.setdefault(projection.specs[name].blocks[j].kind, []).extend(range(sl.start, sl.stop))
+    cols = kind_columns(projection)
     parts = {kind: documents[:, c].astype(np.float64) @ queries[:, c].astype(np.float64).T for kind, c in cols.items()}
     return sum(parts.values()), parts
 
 
-def search(queries: np.ndarray, documents: np.ndarray, k: int, rows_per_step: int = 65536
-           ) -> tuple[np.ndarray, np.ndarray]:
+def kind_columns(projection: Projection) -> dict[str, np.ndarray]:
+    """The columns of each block kind (``mlp``, ``mha``) in a vector of ``projection``."""
+    cols: dict[str, list[int]] = {}
+    for name, j, sl in projection.block_columns():
+        cols.setdefault(projection.specs[name].blocks[j].kind, []).extend(range(sl.start, sl.stop))
+    return {kind: np.asarray(c, dtype=np.int64) for kind, c in cols.items()}
+
+
+def pair_scores(queries: np.ndarray, documents: np.ndarray, positions: np.ndarray,
+                projection: Projection | None = None, row_scale: np.ndarray | None = None
+                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Float64 index scores of chosen pairs: ``scores[q, j]`` = ⟨ψ_q, φ_positions[q, j]⟩ ([Q, K]; rows times
+    ``row_scale`` where the index stores unit rows), and with ``projection`` the same per block kind. Reads
+    only the K rows of each query, so the cost is Q·K·k whatever the number of documents."""
+    kinds = kind_columns(projection) if projection is not None else {}
+    scores = np.zeros(positions.shape, dtype=np.float64)
+    parts = {kind: np.zeros(positions.shape, dtype=np.float64) for kind in kinds}
+    for qi in range(positions.shape[0]):
+        rows = np.asarray(documents[positions[qi]], dtype=np.float64)
+        if row_scale is not None:
+            rows = rows * np.asarray(row_scale, dtype=np.float64)[positions[qi], None]
+        q = np.asarray(queries[qi], dtype=np.float64)
+        scores[qi] = rows @ q
+        for kind, c in kinds.items():
+            parts[kind][qi] = rows[:, c] @ q[c]
+    return scores, parts
+
+
+def search(queries: np.ndarray, documents: np.ndarray, k: int, rows_per_step: int = 65536,
+           row_scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Each query's ``k`` highest-scoring documents by inner product, exactly: (positions [Q, k], scores
-    [Q, k]) in descending score order. Documents are read ``rows_per_step`` rows at a time (memory holds
-    one step's [Q, rows] scores), in float32 products."""
+    [Q, k]) in descending score order. Documents (any float dtype; float16 unit rows with their norms in
+    ``row_scale``) are read ``rows_per_step`` rows at a time (memory holds one step's [Q, rows] scores), in
+    float32 products."""
     q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32))
     n = documents.shape[0]
     k = min(k, n)
@@ -312,6 +353,8 @@ def search(queries: np.ndarray, documents: np.ndarray, k: int, rows_per_step: in
     for lo in range(0, n, rows_per_step):
         d = torch.from_numpy(np.array(documents[lo:lo + rows_per_step], dtype=np.float32))  # a copy: may be read-only
         s = q @ d.T
+        if row_scale is not None:
+            s *= torch.from_numpy(np.asarray(row_scale[lo:lo + rows_per_step], dtype=np.float32))
         top = torch.topk(s, min(k, s.shape[1]), dim=1)
         best_s = torch.cat([best_s, top.values], dim=1)
         best_i = torch.cat([best_i, top.indices + lo], dim=1)

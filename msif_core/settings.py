@@ -88,6 +88,9 @@ class IndexSettings:
     whiten: bool = setting(True, "split P_pt between both sides, (Λ+λ)^(-1/2) each (true), or keep all of "
                                  "it on the query side (false; the index then does not depend on λ_pt)")
     seed: int = setting(0, "seed of the random projection (documents and queries share it)", minimum=0)
+    dtype: str = setting("float32", "how the index stores its vectors: float32, or float16 (half the bytes: each "
+                                    "row scaled to unit length, its norm kept in float32)",
+                         choices=("float32", "float16"))
     keep: int = setting(100, "documents per query and shard kept as method ms_if_index", minimum=1)
     rerank: int = setting(100, 'with [scores] candidates = "index": the documents per query and shard, by index '
                                "score, that the exact methods score", minimum=1)

@@ -36,6 +36,12 @@ def _damping_version(cfg, _) -> str:
     return f"damping_pt={cfg.scores.damping_pretrain}" if cfg.index.whiten else "plain"
 
 
+def _index_version(cfg, embedder: str) -> str:
+    """The damping (whitened only) and, unless the default float32, the storage dtype."""
+    dtype = "" if cfg.index.dtype == "float32" else f"; dtype={cfg.index.dtype}"
+    return _damping_version(cfg, embedder) + dtype
+
+
 def _pretrain_side(step: Step, pt, lazy: bool):
     """The pre-train factors (checked against θ_pt; ``lazy``: read module by module, for a pass that visits
     each module once), the projection and the manifest."""
@@ -59,15 +65,16 @@ def _pretrain_side(step: Step, pt, lazy: bool):
        f"numbers ({'whitened' if cfg.index.whiten else 'plain'}, seed {cfg.index.seed}), in LanceDB: built once "
        "per pre-trained model, never by a new fine-tune.",
        deps=["corpus_shards", "pretrained_checkpoint", "pretrain_factors"],
-       settings=[*INDEX_SETTINGS, *FACTOR_SETTINGS], version_extra=_damping_version, partitions=CORPUS_PARTITIONS,
+       settings=[*INDEX_SETTINGS, *FACTOR_SETTINGS], version_extra=_index_version, partitions=CORPUS_PARTITIONS,
        kinds=["pytorch", "lancedb"], heavy=True, resources=["lakehouse", "device"], when=_enabled,
        outputs=lambda lay, k, _: [lay.lancedb / f"{lay.index_table(k)}.lance", lay.index_manifest(k)])
 def influence_index(step: Step) -> dg.MaterializeResult:
-    """One shard's index vectors (doc_id, vector, sq_norm = ∇ℓᵀ P_pt ∇ℓ when whitened, loss) and manifest."""
+    """One shard's index vectors (doc_id, vector, sq_norm = ∇ℓᵀ P_pt ∇ℓ when whitened, loss; with
+    ``[index] dtype = "float16"`` unit rows and their ``norm``) and manifest."""
     import pyarrow as pa
 
     from msif_core.data import encode_documents
-    from msif_core.index import document_vectors
+    from msif_core.index import document_vectors, encode_rows
 
     key, cfg, layout = step.key, step.cfg, step.layout
     docs = read_documents(step, key)
@@ -80,9 +87,14 @@ def influence_index(step: Step) -> dg.MaterializeResult:
                           cfg.factors.batch_size, pt.pad_id)
     secs = t.seconds
     k = proj.dimensions
-    table = pa.table({"doc_id": pa.array(kept.doc_id.astype(str)),
-                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(dv.vectors.reshape(-1)), k),
-                      "sq_norm": pa.array(dv.sq_norms), "loss": pa.array(dv.losses)})
+    stored, norms = encode_rows(dv.vectors, cfg.index.dtype)
+    columns = {"doc_id": pa.array(kept.doc_id.astype(str)),
+               "vector": pa.FixedSizeListArray.from_arrays(pa.array(stored.reshape(-1)), k),
+               "sq_norm": pa.array(dv.sq_norms), "loss": pa.array(dv.losses)}
+    if norms is not None:
+        columns["norm"] = pa.array(norms)
+    table = pa.table(columns)
+    manifest = manifest | {"dtype": cfg.index.dtype}
     (layout.index_manifest(key)).unlink(missing_ok=True)  # no manifest until the vectors are complete
     uri = step.lakehouse.write_lance(layout.index_table(key), table)
     write_text_atomic(json.dumps(manifest | {"documents": len(kept)}, indent=1), layout.index_manifest(key))
@@ -92,7 +104,7 @@ def influence_index(step: Step) -> dg.MaterializeResult:
         "documents": len(kept), "dagster/row_count": len(kept), "dropped_documents": len(docs) - len(kept),
         "dimensions": k, "whiten": cfg.index.whiten, "seed": cfg.index.seed, "seconds": round(secs, 3),
         "documents_per_second": round(len(kept) / max(secs, 1e-9), 2), "table": uri,
-        "mib": round(dv.vectors.nbytes / 2**20, 2)})
+        "dtype": cfg.index.dtype, "mib": round(stored.nbytes / 2**20, 2)})
 
 
 @asset("query_vectors", "queries",
@@ -163,10 +175,12 @@ def read_query_vectors(step: Step) -> tuple[np.ndarray, list[str], dict]:
     return psi, list(meta["query_ids"]), meta["manifest"]
 
 
-def load_index(step: Step, key: str, what: str) -> tuple[np.ndarray, list[str], np.ndarray, list[str], dict]:
-    """(φ [N, k], doc ids, ψ [Q, k], query ids, manifest) of shard ``key``, after checking that the shard's
-    index and the query vectors were made for the same model, factors, projection and damping; errors
-    say which file and the fix. ``what`` names the asset that reads them."""
+def load_index(step: Step, key: str, what: str
+               ) -> tuple[np.ndarray, np.ndarray | None, list[str], np.ndarray, list[str], dict]:
+    """(φ [N, k] as stored, its row scale (float16 unit rows: their norms; None: float32 rows), doc ids,
+    ψ [Q, k], query ids, manifest) of shard ``key``, after checking that the shard's index and the query
+    vectors were made for the same model, factors, projection and damping; errors say which file and the
+    fix. ``what`` names the asset that reads them."""
     from msif_core.index import IndexMismatchError, check_manifest
 
     layout = step.layout
@@ -182,39 +196,44 @@ def load_index(step: Step, key: str, what: str) -> tuple[np.ndarray, list[str], 
         raise dg.Failure(f"{e}. Fix: {fix('influence_index', key)} and {fix('query_vectors')}") from e
     arrow = step.lakehouse.open_lance(layout.index_table(key), f"{what} {key}", fix("influence_index", key)).to_arrow()
     col = arrow.column("vector").combine_chunks()
-    phi = col.flatten().to_numpy().reshape(len(col), -1)
+    phi = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), -1)
+    scale = arrow.column("norm").to_numpy() if "norm" in arrow.column_names else None
+    if (scale is None) != (found.get("dtype", "float32") == "float32"):
+        raise CorruptTableError(f"{where}: the LanceDB table {layout.index_table(key)} does not hold the "
+                                f"{found.get('dtype', 'float32')} rows its manifest says. "
+                                f"Fix: {fix('influence_index', key)}")
     doc_ids = arrow.column("doc_id").to_pylist()
     if len(doc_ids) != found.get("documents") or phi.shape[1] != expected["dimensions"]:
         raise CorruptTableError(f"{where}: the LanceDB table {layout.index_table(key)} holds {len(doc_ids)} rows of "
                                 f"{phi.shape[1]} numbers; its manifest says {found.get('documents')} of "
                                 f"{expected['dimensions']}. Fix: {fix('influence_index', key)}")
-    return phi, doc_ids, psi, qids, expected
+    return phi, scale, doc_ids, psi, qids, expected
 
 
 def index_rows(step: Step, key: str, specs) -> pd.DataFrame:
     """Method ``ms_if_index`` of shard ``key``: every document scored by ⟨ψ, φ⟩, each query's top
-    ``[index] keep`` kept (query_id, doc_id, method, score, mlp_score, mha_score)."""
-    from msif_core.index import Projection, index_scores
+    ``[index] keep`` kept (query_id, doc_id, method, score, mlp_score, mha_score): the top by an exact float32
+    search a step of rows at a time, their float64 scores and block-kind parts from those rows only."""
+    from msif_core.index import Projection, pair_scores, search
 
-    phi, doc_ids, psi, qids, expected = load_index(step, key, "influence_scores")
+    phi, scale, doc_ids, psi, qids, expected = load_index(step, key, "influence_scores")
     proj = Projection([s for s in specs if s.name in expected["shapes"]], expected["dimensions_requested"],
                       seed=expected["seed"])
     if proj.manifest()["shapes"] != expected["shapes"]:
         raise dg.Failure(f"influence index of shard {key}: the projection of the current model's modules differs "
                          f"from the one the index was built with. Fix: {fix('influence_index', key)} and "
                          f"{fix('query_vectors')}")
-    scores, parts = index_scores(psi, phi, proj)
     keep = min(step.cfg.index.keep, len(doc_ids))
-    top = np.argsort(-scores, axis=0, kind="stable")[:keep]  # [keep, Q]: each query's best documents
-    cols = np.broadcast_to(np.arange(len(qids)), top.shape)
+    pos, _ = search(psi, phi, keep, row_scale=scale)  # [Q, keep]
+    scores, parts = pair_scores(psi, phi, pos, proj, row_scale=scale)
 
-    def pick(x: np.ndarray | None) -> np.ndarray | float:
-        return np.nan if x is None else x[top, cols].T.reshape(-1)
+    def flat(x: np.ndarray | None) -> np.ndarray | float:
+        return np.nan if x is None else x.reshape(-1)
 
     return pd.DataFrame({"query_id": np.repeat(np.asarray(qids, dtype=object), keep),
-                         "doc_id": np.asarray(doc_ids, dtype=object)[top.T.reshape(-1)], "method": "ms_if_index",
-                         "score": pick(scores), "mlp_score": pick(parts.get("mlp")),
-                         "mha_score": pick(parts.get("mha"))})
+                         "doc_id": np.asarray(doc_ids, dtype=object)[pos.reshape(-1)], "method": "ms_if_index",
+                         "score": flat(scores), "mlp_score": flat(parts.get("mlp")),
+                         "mha_score": flat(parts.get("mha"))})
 
 
 def index_candidates(step: Step, key: str) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
@@ -222,8 +241,8 @@ def index_candidates(step: Step, key: str) -> tuple[list[str], np.ndarray, np.nd
     products, :func:`msif_core.index.search`): (query ids, positions [Q, K], scores [Q, K], doc ids)."""
     from msif_core.index import search
 
-    phi, doc_ids, psi, qids, _ = load_index(step, key, "candidates")
-    pos, scores = search(psi, phi, step.cfg.index.rerank)
+    phi, scale, doc_ids, psi, qids, _ = load_index(step, key, "candidates")
+    pos, scores = search(psi, phi, step.cfg.index.rerank, row_scale=scale)
     return qids, pos, scores, doc_ids
 
 

@@ -107,3 +107,33 @@ def test_mismatched_or_missing_index_is_refused_by_name(world) -> None:
         path.write_text(good)
     (rec,) = pipe.execute(unit)
     assert rec.success
+
+
+def test_float16_index_rebuilds_the_index_only_and_scores_alike(world) -> None:
+    """``[index] dtype = "float16"``: unit rows in half precision and their norms; a new code version of the
+    index partitions (and of what reads them), never of the corpus or the query side; the index scores as
+    the float32 index did, to half precision. Last in this module: it changes the shared world's index."""
+    import lancedb
+    import pyarrow as pa
+
+    root, cfg, pipe = world
+    layout = Layout(cfg.root)
+    before = pd.read_parquet(layout.scores(SHARDS[0]))
+    toml = cfg.source.with_name("experiment_fp16.toml")  # beside the first: the same relative paths
+    toml.write_text(cfg.source.read_text().replace("[index]\n", '[index]\ndtype = "float16"\n'))
+    _, cfg16, pipe16 = make_pipeline(toml, instance=pipe.instance)
+    mark = latest_storage_id(pipe.instance)
+    res = pipe16.update()
+    assert not res.failures, res.failures
+    done = {a for a, _ in materializations_since(pipe.instance, mark)}
+    assert {"influence_index", "influence_scores"} <= done
+    assert not done & {"query_vectors", "query_ihvps", "corpus_shards", "pretrain_factors", "finetune_factors"}
+    tbl = lancedb.connect(str(layout.lancedb)).open_table(layout.index_table(SHARDS[0])).to_arrow()
+    assert tbl.schema.field("vector").type.value_type == pa.float16() and "norm" in tbl.column_names
+    assert json.loads(layout.index_manifest(SHARDS[0]).read_text())["dtype"] == "float16"
+    after = pd.read_parquet(layout.scores(SHARDS[0]))
+    key = ["query_id", "doc_id"]
+    old = before[before.method == "ms_if_index"].set_index(key).score
+    new = after[after.method == "ms_if_index"].set_index(key).score.reindex(old.index)
+    assert new.notna().mean() > 0.9  # the same top documents, but for near ties at the boundary
+    assert np.nanmax(np.abs(new - old)) < 2e-3 * np.abs(old).max()

@@ -16,8 +16,10 @@ from msif_core.index import (
     check_manifest,
     document_norms,
     document_vectors,
+    encode_rows,
     index_manifest,
     index_scores,
+    pair_scores,
     query_vectors,
     search,
     unit_rows,
@@ -121,6 +123,41 @@ def test_search_is_exact_top_k_in_any_number_of_steps():
     u = unit_rows(np.array([[3.0, 4.0], [0.0, 0.0]]))
     assert np.allclose(u, [[0.6, 0.8], [0.0, 0.0]])
     assert np.allclose(unit_rows(np.array([[3.0, 4.0]]), np.array([100.0])), [[0.3, 0.4]])
+
+
+def test_float16_rows_and_pair_scores_against_explicit_products():
+    """float16 storage: unit rows and float32 norms (no overflow however large the vectors); search over them
+    finds the explicit top k of the float64 products, and pair_scores gives those products (and each block
+    kind's share) for the chosen pairs only."""
+    rng = np.random.default_rng(1)
+    docs = rng.standard_normal((500, 24)) * rng.uniform(1, 1e6, (500, 1))  # norms far beyond float16's range
+    docs[3] = 0.0  # a document without gradient
+    queries = rng.standard_normal((5, 24))
+    full = queries @ docs.T
+    stored, norms = encode_rows(docs, "float16")
+    assert stored.dtype == np.float16 and norms.dtype == np.float32 and np.isfinite(stored).all()
+    assert np.abs(stored.astype(np.float64) * norms[:, None] - docs).max() < 1e-3 * np.abs(docs).max()
+    same, none = encode_rows(docs, "float32")
+    assert same.dtype == np.float32 and none is None
+    with pytest.raises(ValueError, match="float32 or float16"):
+        encode_rows(docs, "int8")
+    idx, _ = search(queries, stored, 20, rows_per_step=128, row_scale=norms)
+    want = np.argsort(-full, axis=1)[:, :20]
+    assert np.mean([len(set(a) & set(b)) / 20 for a, b in zip(idx, want, strict=True)]) > 0.95  # near ties
+    exact, _ = pair_scores(queries, docs, want)
+    assert np.allclose(exact, np.take_along_axis(full, want, 1), rtol=1e-12)
+    half, _ = pair_scores(queries, stored, want, row_scale=norms)
+    assert np.abs(half - exact).max() < 2e-3 * np.abs(exact).max()
+    w = world("gpt_neox")  # the block kinds' parts of the chosen pairs: those of the full products
+    proj = Projection(w.specs, 300, seed=2)
+    psi, phi, _ = _vectors(w, proj, True)
+    all_scores, all_parts = index_scores(psi, phi, proj)
+    pos = np.argsort(-all_scores.T, axis=1)[:, :3]
+    got, parts = pair_scores(psi, phi, pos, proj)
+    assert np.allclose(got, np.take_along_axis(all_scores.T, pos, 1), rtol=1e-10)
+    assert parts.keys() == all_parts.keys() and len(parts) == 2
+    for kind, p in parts.items():
+        assert np.allclose(p, np.take_along_axis(all_parts[kind].T, pos, 1), rtol=1e-10, atol=1e-12)
 
 
 def test_a_mismatched_index_is_refused_by_name():

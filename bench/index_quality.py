@@ -1,7 +1,8 @@
 """How close the influence index (msif_core.index) comes to exact MS-IF on the demo world, and what it costs.
 
 Run:  .venv/bin/python bench/index_quality.py [--world lakehouse/demo] [--queries 300]
-          [--dimensions 1024,4096,16384,65536] [--seeds 0] [--damping 1e-4]
+          [--dimensions 1024,4096,16384,65536] [--seeds 0] [--damping 1e-4] [--dtype float32,float16]
+          [--split whitened,plain]
 
 Every document of the demo world is scored for every test query by exact MS-IF (query iHVPs and one
 fused scoring pass, damping ``--damping`` for both stages) and by the index at each number of
@@ -12,7 +13,9 @@ the exact norm of the unprojected vector that the same pass computes: for the wh
 per-query Spearman correlation with exact MS-IF over all documents, MRR and Recall@10 of the ranking
 (true sources, cutoff 100), and MRR after an exact MS-IF rerank of the index's top 100 per query.
 Also timed: building the document vectors (:func:`msif_core.index.document_vectors`) against one plain
-forward+backward pass over the same documents in the same batches. Rows go to
+forward+backward pass over the same documents in the same batches. ``--dtype float16`` stores the document
+vectors as the index would with ``[index] dtype = "float16"`` (unit rows in half precision times their
+float32 norms, :func:`msif_core.index.encode_rows`) before scoring. Rows go to
 bench/results/index_quality.jsonl (one per configuration), the table to stdout.
 """
 
@@ -39,7 +42,7 @@ from rows import emit  # noqa: E402
 from msif_core.api import AttributionSettings, encode_queries, fit_stage_factors, load_stages  # noqa: E402
 from msif_core.data import encode_documents, iter_batches  # noqa: E402
 from msif_core.gradients import analysed_grads_only, forward_backward  # noqa: E402
-from msif_core.index import Projection, document_vectors, query_vectors  # noqa: E402
+from msif_core.index import Projection, document_vectors, encode_rows, query_vectors  # noqa: E402
 from msif_core.metrics import evaluate_rankings  # noqa: E402
 from msif_core.query import measurement_gradients, query_ihvps  # noqa: E402
 from msif_core.scoring import score_documents  # noqa: E402
@@ -84,6 +87,8 @@ def main() -> None:
     ap.add_argument("--damping", type=float, default=1e-4, help="λ of both stages (the experiment default)")
     ap.add_argument("--rerank", type=int, default=100, help="index top-N reranked by exact MS-IF")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--dtype", default="float32", help="storage of the document vectors, comma-separated")
+    ap.add_argument("--split", default="whitened,plain", help="splits of P_pt to try, comma-separated")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "index_quality.jsonl"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -121,11 +126,12 @@ def main() -> None:
     for seed in (int(s) for s in args.seeds.split(",")):
         for k in args.dimensions.split(","):
             proj = Projection(specs, None if k == "all" else int(k), seed=seed)
-            for whiten in (True, False):
+            for whiten, dtype in ((w == "whitened", d) for w in args.split.split(",") for d in args.dtype.split(",")):
                 t = time.perf_counter()
                 dv = document_vectors(pt.model, specs, docs, pt_f, proj, lam, whiten, settings.batch_size,
                                       pt.pad_id)
-                phi = dv.vectors
+                stored, scale = encode_rows(dv.vectors, dtype)
+                phi = stored.astype(np.float32) if scale is None else stored.astype(np.float32) * scale[:, None]
                 build_s = time.perf_counter() - t
                 t = time.perf_counter()
                 psi = query_vectors(grads, specs, ft_f, pt_f, proj, lam, lam, whiten)
@@ -135,7 +141,8 @@ def main() -> None:
                     if cosine != "dot":
                         norms = np.linalg.norm(phi, axis=1) if cosine == "cosine" else np.sqrt(dv.sq_norms)
                         sc /= np.where(norms > 0, norms, 1.0)[:, None]
-                    name = f"index k={proj.dimensions} {'whitened' if whiten else 'plain'} {cosine} seed={seed}"
+                    name = (f"index k={proj.dimensions} {'whitened' if whiten else 'plain'} {cosine} seed={seed}"
+                            + ("" if dtype == "float32" else f" {dtype}"))
                     methods[name] = sc
                     methods[name + f" +rerank{args.rerank}"] = reranked(sc, exact, args.rerank)
                     rho = spearman_per_query(sc, exact)
@@ -146,7 +153,8 @@ def main() -> None:
                                  "max_abs_cosine": float(np.abs(cos).max()),
                                  "participation_ratio_documents": float(e.sum() ** 2 / (e ** 2).sum())}
                     rows.append(dict(base, method=name, dimensions=proj.dimensions, requested=k, seed=seed,
-                                     whiten=whiten, score=cosine, median_spearman=round(float(np.median(rho)), 4),
+                                     whiten=whiten, dtype=dtype, score=cosine,
+                                     median_spearman=round(float(np.median(rho)), 4),
                                      q10_spearman=round(float(np.quantile(rho, 0.1)), 4),
                                      build_s=round(build_s, 2), build_vs_plain=round(build_s / plain_s, 2),
                                      query_vectors_s=round(query_s, 2)))
@@ -158,7 +166,8 @@ def main() -> None:
                    exact_mrr=round(float(table.loc["ms_if (exact)", "mrr"]), 4),
                    exact_recall_at_10=round(float(table.loc["ms_if (exact)", "recall_at_10"]), 4))
         emit(row, args.out)
-    cols = ["dimensions", "whiten", "score", "median_spearman", "mrr", "recall_at_10", "mrr_rerank", "build_vs_plain"]
+    cols = ["dimensions", "whiten", "dtype", "score", "median_spearman", "mrr", "recall_at_10", "mrr_rerank",
+            "build_vs_plain"]
     print(pd.DataFrame(rows)[cols].to_markdown(index=False, floatfmt=".3f"))
     print(json.dumps({k: v for k, v in rows[-1].items() if k in base or k.startswith("exact")}))
 

@@ -75,7 +75,10 @@ def ann_rows(rows: np.ndarray, queries: np.ndarray, top: int, exact: np.ndarray,
             part = rows[lo:lo + step].astype(np.float32)
             batch = pa.table({"row": pa.array(np.arange(lo, lo + len(part))),
                               "vector": pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), k)})
-            tbl = db.create_table("index", batch) if tbl is None else (tbl.add(batch) or tbl)
+            if tbl is None:
+                tbl = db.create_table("index", batch)
+            else:
+                tbl.add(batch)
         write_s = time.perf_counter() - t0
         partitions = int(np.sqrt(n))
         t0 = time.perf_counter()

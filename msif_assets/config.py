@@ -49,6 +49,7 @@ Example (every key but the paths shows its default)::
     dimensions = 0                  # numbers per index vector; 0: no index
     whiten = true                   # (Λ+λ)^(-1/2) on both sides; false: all of P_pt on the query side
     seed = 0                        # of the random projection
+    cosine = true                   # rank by <psi, phi> / |phi| (false: the plain product)
     dtype = "float32"               # or "float16": half the bytes (unit rows + their norms)
     keep = 100                      # documents per query and shard kept as method ms_if_index
     rerank = 100                    # with candidates = "index": documents per query and shard scored exactly

@@ -292,6 +292,18 @@ def encode_rows(vectors: np.ndarray, dtype: str = "float32") -> tuple[np.ndarray
     return unit.astype(np.float16), norms.astype(np.float32)
 
 
+def score_scale(stored: np.ndarray, norms: np.ndarray | None, cosine: bool) -> np.ndarray | None:
+    """The per-row factor that turns stored rows (:func:`encode_rows`) into the rows scored: for ``cosine``
+    unit rows (float32 rows divided by their norm, zero rows kept zero; float16 rows are unit already), else
+    the rows as built (float16 rows times their norms). None: use the stored rows as they are."""
+    if norms is not None:
+        return None if cosine else norms
+    if not cosine:
+        return None
+    n = np.linalg.norm(np.asarray(stored, dtype=np.float32), axis=1)
+    return np.where(n > 0, 1.0 / np.where(n > 0, n, 1.0), 0.0).astype(np.float32)
+
+
 def unit_rows(vectors: np.ndarray, sq_norms: np.ndarray | None = None) -> np.ndarray:
     """Rows scaled to unit length (cosine scores; zero rows stay zero); with ``sq_norms`` (the exact
     squared norms of the unprojected rows, :class:`DocumentVectors`) divided by those instead."""

@@ -102,8 +102,9 @@ def cosine_distances(queries: np.ndarray, docs: np.ndarray) -> np.ndarray:
        deps=["corpus_embeddings", "queries", Dep("influence_index", when=_by_index),
              Dep("query_vectors", when=_by_index)],
        settings=["scores.candidates"], partitions=CORPUS_PARTITIONS,
-       version_extra=lambda cfg, emb: f"{emb} distances" + (f" index rerank={cfg.index.rerank}" if _by_index(cfg)
-                                                            else ""),
+       version_extra=lambda cfg, emb: f"{emb} distances" + (f" index rerank={cfg.index.rerank}"
+                                                            + (" cosine" if cfg.index.cosine else "")
+                                                            if _by_index(cfg) else ""),
        kinds=["lancedb", "parquet"], resources=["lakehouse", "embedder"], outputs=lambda lay, k, _: [lay.candidates(k)])
 def candidates(step: Step) -> dg.MaterializeResult:
     """(query, document) pairs to score in one shard: all of them, each query's nearest documents, or its

@@ -180,8 +180,9 @@ def load_index(step: Step, key: str, what: str
     """(φ [N, k] as stored, its row scale (float16 unit rows: their norms; None: float32 rows), doc ids,
     ψ [Q, k], query ids, manifest) of shard ``key``, after checking that the shard's index and the query
     vectors were made for the same model, factors, projection and damping; errors say which file and the
-    fix. ``what`` names the asset that reads them."""
-    from msif_core.index import IndexMismatchError, check_manifest
+    fix. ``what`` names the asset that reads them. The scale is that of the rows as scored: with
+    ``[index] cosine`` every row of unit length (:func:`msif_core.index.score_scale`)."""
+    from msif_core.index import IndexMismatchError, check_manifest, score_scale
 
     layout = step.layout
     psi, qids, expected = read_query_vectors(step)
@@ -207,12 +208,13 @@ def load_index(step: Step, key: str, what: str
         raise CorruptTableError(f"{where}: the LanceDB table {layout.index_table(key)} holds {len(doc_ids)} rows of "
                                 f"{phi.shape[1]} numbers; its manifest says {found.get('documents')} of "
                                 f"{expected['dimensions']}. Fix: {fix('influence_index', key)}")
-    return phi, scale, doc_ids, psi, qids, expected
+    return phi, score_scale(phi, scale, step.cfg.index.cosine), doc_ids, psi, qids, expected
 
 
 def index_rows(step: Step, key: str, specs) -> pd.DataFrame:
     """Method ``ms_if_index`` of shard ``key``: every document scored by ⟨ψ, φ⟩, each query's top
-    ``[index] keep`` kept (query_id, doc_id, method, score, mlp_score, mha_score): the top by an exact float32
+    ``[index] keep`` kept (query_id, doc_id, method, score, mlp_score, mha_score; ``[index] cosine``: each
+    divided by the document vector's norm): the top by an exact float32
     search a step of rows at a time, their float64 scores and block-kind parts from those rows only."""
     from msif_core.index import Projection, pair_scores, search
 
@@ -224,7 +226,7 @@ def index_rows(step: Step, key: str, specs) -> pd.DataFrame:
                          f"from the one the index was built with. Fix: {fix('influence_index', key)} and "
                          f"{fix('query_vectors')}")
     keep = min(step.cfg.index.keep, len(doc_ids))
-    pos, _ = search(psi, phi, keep, row_scale=scale)  # [Q, keep]
+    pos, _ = search(psi, phi, keep, row_scale=scale)  # [Q, keep]: the rows as scored (cosine: unit rows)
     scores, parts = pair_scores(psi, phi, pos, proj, row_scale=scale)
 
     def flat(x: np.ndarray | None) -> np.ndarray | float:

@@ -195,6 +195,7 @@ def stored_methods_version(cfg) -> str:
              "influence_index", "query_vectors"],
        settings=["factors.max_length", "scores.damping_pretrain", "scores.damping_finetune"],
        version_extra=lambda cfg, _: stored_methods_version(cfg) + (f"; index keep={cfg.index.keep}"
+                                                                   + ("; cosine" if cfg.index.cosine else "")
                                                                    if cfg.index.enabled else ""),
        partitions=CORPUS_PARTITIONS, kinds=["pytorch", "parquet"], heavy=True, resources=["lakehouse", "device"],
        outputs=lambda lay, k, _: [lay.scores(k)])

@@ -1,8 +1,9 @@
 """The influence index in the pipeline (``[index] dimensions > 0``), from the tables and the event log:
 
-- unprojected (dimensions above the number of analysed parameters) ``ms_if_index`` equals ``ms_if`` on
-  every pair (every document a candidate, by ``candidates = "index"`` in index order), so the assets wire
-  the index exactly;
+- unprojected (dimensions above the number of analysed parameters) ``ms_if_index`` equals ``ms_if_cosine``
+  (``[index] cosine``, the default; ‖φ‖ is then √self-influence) on every pair, and ``ms_if`` with
+  ``cosine = false`` and float16 rows (every document a candidate, by ``candidates = "index"`` in index
+  order), so the assets wire the index exactly;
 - a new fine-tuned checkpoint recomputes ``query_vectors``, the candidates and the scores, never an
   ``influence_index`` partition;
 - an index built for another projection is refused by name; a missing one names the fix.
@@ -42,11 +43,11 @@ def test_unprojected_index_scores_equal_exact_ms_if(world) -> None:
     layout = Layout(cfg.root)
     for shard in SHARDS:
         t = pd.read_parquet(layout.scores(shard))
-        exact = t[t.method == "ms_if"].set_index(["query_id", "doc_id"])
+        exact = t[t.method == "ms_if_cosine"].set_index(["query_id", "doc_id"])  # cosine: ms_if / ‖φ‖
         index = t[t.method == "ms_if_index"].set_index(["query_id", "doc_id"])
         assert len(exact) == 6 * 16 and len(index) == 6 * 10  # every document a candidate; the index keeps 10
         joined = index.join(exact, lsuffix="_index")
-        assert (joined.shard_rank <= 10).all()  # the index's top 10 are exact MS-IF's top 10
+        assert (joined.shard_rank <= 10).all()  # the index's top 10 are the exact whitened cosine's top 10
         scale = np.abs(joined.score).max()
         assert np.abs(joined.score - joined.score_index).max() < 1e-4 * scale
         assert np.abs(joined.mlp_score - joined.mlp_score_index).max() < 1e-4 * scale
@@ -109,10 +110,11 @@ def test_mismatched_or_missing_index_is_refused_by_name(world) -> None:
     assert rec.success
 
 
-def test_float16_index_rebuilds_the_index_only_and_scores_alike(world) -> None:
-    """``[index] dtype = "float16"``: unit rows in half precision and their norms; a new code version of the
-    index partitions (and of what reads them), never of the corpus or the query side; the index scores as
-    the float32 index did, to half precision. Last in this module: it changes the shared world's index."""
+def test_float16_plain_product_index_rebuilds_the_index_only_and_equals_ms_if(world) -> None:
+    """``[index] dtype = "float16"``, ``cosine = false``: unit rows in half precision and their norms; a new
+    code version of the index partitions (and of what reads them), never of the corpus or the query side;
+    unprojected, the plain products equal exact MS-IF to half precision. Last in this module: it changes the
+    shared world's index."""
     import lancedb
     import pyarrow as pa
 
@@ -120,7 +122,7 @@ def test_float16_index_rebuilds_the_index_only_and_scores_alike(world) -> None:
     layout = Layout(cfg.root)
     before = pd.read_parquet(layout.scores(SHARDS[0]))
     toml = cfg.source.with_name("experiment_fp16.toml")  # beside the first: the same relative paths
-    toml.write_text(cfg.source.read_text().replace("[index]\n", '[index]\ndtype = "float16"\n'))
+    toml.write_text(cfg.source.read_text().replace("[index]\n", '[index]\ndtype = "float16"\ncosine = false\n'))
     _, cfg16, pipe16 = make_pipeline(toml, instance=pipe.instance)
     mark = latest_storage_id(pipe.instance)
     res = pipe16.update()
@@ -133,7 +135,10 @@ def test_float16_index_rebuilds_the_index_only_and_scores_alike(world) -> None:
     assert json.loads(layout.index_manifest(SHARDS[0]).read_text())["dtype"] == "float16"
     after = pd.read_parquet(layout.scores(SHARDS[0]))
     key = ["query_id", "doc_id"]
-    old = before[before.method == "ms_if_index"].set_index(key).score
-    new = after[after.method == "ms_if_index"].set_index(key).score.reindex(old.index)
-    assert new.notna().mean() > 0.9  # the same top documents, but for near ties at the boundary
-    assert np.nanmax(np.abs(new - old)) < 2e-3 * np.abs(old).max()
+    new = after[after.method == "ms_if_index"].set_index(key)
+    exact = after[after.method == "ms_if"].set_index(key).reindex(new.index)  # the plain product: MS-IF
+    assert len(new) == 6 * 10 and (exact.shard_rank <= 11).mean() > 0.95  # its top 10, but for near ties
+    assert np.abs(new.score - exact.score).max() < 2e-3 * np.abs(exact.score).max()
+    assert np.abs(new.mlp_score - exact.mlp_score).max() < 2e-3 * np.abs(exact.score).max()
+    old = before[before.method == "ms_if_index"].set_index(key).score  # the float32 cosine rows: other scores
+    assert not np.allclose(old.to_numpy(), new.score.reindex(old.index).fillna(0).to_numpy())

@@ -21,6 +21,7 @@ from msif_core.index import (
     index_scores,
     pair_scores,
     query_vectors,
+    score_scale,
     search,
     unit_rows,
 )
@@ -148,6 +149,14 @@ def test_float16_rows_and_pair_scores_against_explicit_products():
     assert np.allclose(exact, np.take_along_axis(full, want, 1), rtol=1e-12)
     half, _ = pair_scores(queries, stored, want, row_scale=norms)
     assert np.abs(half - exact).max() < 2e-3 * np.abs(exact).max()
+    # cosine scores: every document's row of unit length, whichever way it is stored; a zero row scores 0
+    unit = docs / np.maximum(np.linalg.norm(docs, axis=1, keepdims=True), 1e-300)
+    for rows, scale in ((same, none), (stored, norms)):
+        cos, _ = pair_scores(queries, rows, want, row_scale=score_scale(rows, scale, cosine=True))
+        assert np.abs(cos - np.take_along_axis(queries @ unit.T, want, 1)).max() < 2e-3
+        dot, _ = pair_scores(queries, rows, want, row_scale=score_scale(rows, scale, cosine=False))
+        assert np.abs(dot - exact).max() < 2e-3 * np.abs(exact).max()
+    assert score_scale(same, none, cosine=True)[3] == 0.0
     w = world("gpt_neox")  # the block kinds' parts of the chosen pairs: those of the full products
     proj = Projection(w.specs, 300, seed=2)
     psi, phi, _ = _vectors(w, proj, True)

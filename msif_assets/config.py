@@ -50,7 +50,7 @@ Example (every key but the paths shows its default)::
     whiten = true                   # (Λ+λ)^(-1/2) on both sides; false: all of P_pt on the query side
     seed = 0                        # of the random projection
     cosine = true                   # rank by <psi, phi> / |phi| (false: the plain product)
-    dtype = "float32"               # or "float16": half the bytes (unit rows + their norms)
+    dtype = "float16"               # unit rows + their norms (half the bytes, same ranking); or "float32"
     keep = 100                      # documents per query and shard kept as method ms_if_index
     rerank = 100                    # with candidates = "index": documents per query and shard scored exactly
 """

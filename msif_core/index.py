@@ -287,9 +287,9 @@ def encode_rows(vectors: np.ndarray, dtype: str = "float32") -> tuple[np.ndarray
         return np.ascontiguousarray(vectors, dtype=np.float32), None
     if dtype != "float16":
         raise ValueError(f"index dtype must be float32 or float16, got {dtype!r}")
-    norms = np.linalg.norm(np.asarray(vectors, dtype=np.float64), axis=1)
-    unit = np.asarray(vectors, dtype=np.float64) / np.where(norms > 0, norms, 1.0)[:, None]
-    return unit.astype(np.float16), norms.astype(np.float32)
+    rows = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(rows, axis=1)
+    return (rows / np.where(norms > 0, norms, 1.0)[:, None]).astype(np.float16), norms.astype(np.float32)
 
 
 def score_scale(stored: np.ndarray, norms: np.ndarray | None, cosine: bool) -> np.ndarray | None:

@@ -90,8 +90,9 @@ class IndexSettings:
     seed: int = setting(0, "seed of the random projection (documents and queries share it)", minimum=0)
     cosine: bool = setting(True, "rank by ⟨ψ, φ⟩ / ‖φ‖ (each document's vector to unit length; ranks better "
                                  "than the plain product at every k measured) instead of ⟨ψ, φ⟩")
-    dtype: str = setting("float32", "how the index stores its vectors: float32, or float16 (half the bytes: each "
-                                    "row scaled to unit length, its norm kept in float32)",
+    dtype: str = setting("float16", "how the index stores its vectors: float16 (each row scaled to unit length, "
+                                    "its norm kept in float32: half the bytes of float32, the same ranking as "
+                                    "measured), or float32",
                          choices=("float32", "float16"))
     keep: int = setting(100, "documents per query and shard kept as method ms_if_index", minimum=1)
     rerank: int = setting(100, 'with [scores] candidates = "index": the documents per query and shard, by index '

@@ -37,9 +37,8 @@ def _damping_version(cfg, _) -> str:
 
 
 def _index_version(cfg, embedder: str) -> str:
-    """The damping (whitened only) and, unless the default float32, the storage dtype."""
-    dtype = "" if cfg.index.dtype == "float32" else f"; dtype={cfg.index.dtype}"
-    return _damping_version(cfg, embedder) + dtype
+    """The damping (whitened only) and the storage dtype."""
+    return _damping_version(cfg, embedder) + f"; dtype={cfg.index.dtype}"
 
 
 def _pretrain_side(step: Step, pt, lazy: bool):

@@ -59,7 +59,7 @@ def test_sql_is_package_data() -> None:
 # gained "retriever" (the settings digest of query_ihvps, influence_scores and score_tables); query_ihvps'
 # version counts only the methods with query iHVPs since commit 16af006; influence_scores' version names its
 # columns since the self_influence column (a table of other columns is rewritten); score_tables digests
-# [scores] rrf_k since it exists
+# [scores] rrf_k since it exists; influence_index names its storage dtype since [index] dtype
 PINNED_DEMO_VERSIONS = {
     "attribution_quality": "1-44136fa355b3678a", "attribution_report": "1-44136fa355b3678a",
     "candidates": "1-3202669ad2930225-d90e7863", "corpus_embeddings": "1-44136fa355b3678a-e22d35fb",
@@ -68,7 +68,7 @@ PINNED_DEMO_VERSIONS = {
     "pretrain_eigenbasis": "1-c996b4cfebdf63a2", "pretrain_factors": "1-c996b4cfebdf63a2-d4d1c340",
     "pretrain_lambda_sums": "1-c996b4cfebdf63a2", "query_ihvps": "1-5094dc2fc54b8099-96655472",
     "score_tables": "1-7d371bd131fc6f50",
-    "influence_index": "1-ad3c2025678fd516-923bdb42", "query_vectors": "1-93ec5e6649219f3a-923bdb42"}
+    "influence_index": "1-ad3c2025678fd516-a6e98b47", "query_vectors": "1-93ec5e6649219f3a-923bdb42"}
 
 
 def test_graph_is_derived_from_the_declarations(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def world(tmp_path_factory: pytest.TempPathFactory):
     # candidates from the index: each query's top 16 of 16 (every document, ordered by index score)
     toml = build_world(root, n_docs=32, shard_size=16, candidates="index",
                        methods=("ms_if", "ms_if_cosine", "ms_if_unit", "bm25", "retriever"),
-                       extra_toml="\n[index]\ndimensions = 1000000000\nkeep = 10\nrerank = 16\n")
+                       extra_toml='\n[index]\ndimensions = 1000000000\nkeep = 10\nrerank = 16\ndtype = "float32"\n')
     cfg, defs, pipe = make_pipeline(toml)
     first = pipe.update()
     assert not first.failures, first.failures
@@ -122,7 +122,8 @@ def test_float16_plain_product_index_rebuilds_the_index_only_and_equals_ms_if(wo
     layout = Layout(cfg.root)
     before = pd.read_parquet(layout.scores(SHARDS[0]))
     toml = cfg.source.with_name("experiment_fp16.toml")  # beside the first: the same relative paths
-    toml.write_text(cfg.source.read_text().replace("[index]\n", '[index]\ndtype = "float16"\ncosine = false\n'))
+    toml.write_text(cfg.source.read_text().replace('dtype = "float32"', 'dtype = "float16"\ncosine = false'))
+    assert 'dtype = "float16"' in toml.read_text()
     _, cfg16, pipe16 = make_pipeline(toml, instance=pipe.instance)
     mark = latest_storage_id(pipe.instance)
     res = pipe16.update()

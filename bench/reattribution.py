@@ -56,19 +56,22 @@ def perturb(ckpt: Path, seed: int) -> None:
         save_file(out, f, metadata={"format": "pt"})
 
 
-def run(toml: Path) -> tuple[float, list[str]]:
-    """``msif run toml``: wall seconds and the materialised (asset [partition]) units from its ok lines."""
+def run(toml: Path) -> tuple[float, list[str], dict[str, float]]:
+    """``msif run toml``: wall seconds, the materialised (asset [partition]) units from its ok lines, and the
+    seconds each asset's steps took (summed over partitions, as the ok lines report them)."""
     t0 = time.perf_counter()
     r = subprocess.run([str(ROOT / ".venv" / "bin" / "msif"), "run", str(toml)], capture_output=True, text=True)
     secs = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"msif run {toml} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    units = []
+    units, step_s = [], {}
     for line in r.stdout.splitlines():
-        m = re.match(r"\s+ok\s+(.*?)(?: \[(.*?)\])? \(\d+\.\d+s\)$", line)
+        m = re.match(r"\s+ok\s+(.*?)(?: \[(.*?)\])? \((\d+\.\d+)s\)$", line)
         if m:
             units += [f"{a}[{m.group(2)}]" if m.group(2) else a for a in m.group(1).split(", ")]
-    return secs, units
+            key = m.group(1)  # one step may materialise several assets: its seconds go to all of them
+            step_s[key] = round(step_s.get(key, 0.0) + float(m.group(3)), 2)
+    return secs, units, step_s
 
 
 def main() -> None:
@@ -110,12 +113,13 @@ candidates = {cands}
         for step in ("first", "new_finetune"):
             if step == "new_finetune":
                 perturb(base / "finetuned", seed=1)
-            secs, units = run(toml)
+            secs, units, step_s = run(toml)
             lake = base / "lakehouse"
             parts = sorted((lake / "tables" / "influence_scores").glob("*.parquet"))
             scores = pd.concat([pd.read_parquet(p) for p in parts])
             quality = pd.read_parquet(lake / "tables" / "attribution_quality.parquet")
-            emit({"variant": name, "run": step, "seconds": round(secs, 1), "units": len(units),
+            emit({"variant": name, "run": step, "seconds": round(secs, 1), "units": len(units), "step_seconds": step_s,
+                  "steps_seconds_total": round(sum(step_s.values()), 1),
                   "index_partitions_built": sum(u.startswith("influence_index") for u in units),
                   "materialised": sorted({u.split("[")[0] for u in units}),
                   "exact_ms_if_pairs": int((scores.method == "ms_if").sum()),

@@ -105,7 +105,9 @@ def test_tables_and_metadata(run) -> None:
     assert set(quality.method) == set(every.method) and quality.mrr.between(0, 1).all()
     assert "mixed: ms_if + retriever" in (layout.reports / "attribution_report.md").read_text()
     fused = every[every.method == "ms_if_rrf"]  # one row per candidate pair, from the global ranks of both
-    both = df[df.method.isin(["ms_if", "retriever"])].assign(term=lambda x: 1 / (60 + x["rank"]))
+    from msif_core.methods import RRF_K
+
+    both = df[df.method.isin(["ms_if", "retriever"])].assign(term=lambda x: 1 / (RRF_K + x["rank"]))
     want = both.groupby(["query_id", "doc_id"]).term.sum()
     got = fused.set_index(["query_id", "doc_id"]).score
     np.testing.assert_allclose(got.loc[want.index], want, rtol=1e-12)

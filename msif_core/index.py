@@ -337,34 +337,24 @@ def pair_scores(queries: np.ndarray, documents: np.ndarray, positions: np.ndarra
     """Index scores of chosen pairs: ``scores[q, j]`` = ⟨ψ_q, φ_positions[q, j]⟩ ([Q, K] float64; rows times
     ``row_scale`` where given), and with ``projection`` the same per block kind (their sum is the score).
     Only the documents some query chose are read, ``rows_per_step`` at a time, each against every query (one
-    product per block kind with the query's other columns zeroed): the cost grows with the chosen documents,
-    not the corpus. Products in float32 (float64 for float64 documents)."""
-    kinds = kind_columns(projection) if projection is not None else {}
+    product per block kind over that kind's columns): the cost grows with the chosen documents, not the
+    corpus. Products in float32 (float64 for float64 documents)."""
     dt = np.float64 if np.asarray(documents[:0]).dtype == np.float64 else np.float32
     q = np.asarray(queries, dtype=dt)
-    n_q, width = q.shape
-    if kinds:  # [width, kinds · Q]: each kind's columns of every query
-        cols = []
-        for c in kinds.values():
-            masked = np.zeros_like(q)
-            masked[:, c] = q[:, c]
-            cols.append(masked.T)
-        qmat = np.concatenate(cols, axis=1)
-    else:
-        qmat = np.ascontiguousarray(q.T)
+    cols = kind_columns(projection) if projection is not None else {"": slice(None)}
+    q_t = {kind: np.ascontiguousarray(q[:, c].T) for kind, c in cols.items()}  # [its columns, Q]
     uniq, inverse = np.unique(positions, return_inverse=True)
-    per_doc = np.empty((len(uniq), qmat.shape[1]), dtype=np.float64)
+    per_doc = {kind: np.empty((len(uniq), q.shape[0]), dtype=np.float64) for kind in cols}
     for lo in range(0, len(uniq), rows_per_step):
         at = uniq[lo:lo + rows_per_step]
         rows = np.asarray(documents[at], dtype=dt)
         if row_scale is not None:
             rows = rows * np.asarray(row_scale, dtype=dt)[at, None]
-        per_doc[lo:lo + len(at)] = rows @ qmat
-    inverse = inverse.reshape(positions.shape)
-    qi = np.broadcast_to(np.arange(n_q)[:, None], positions.shape)
-    parts = {kind: per_doc[inverse, j * n_q + qi] for j, kind in enumerate(kinds)}
-    scores = sum(parts.values()) if parts else per_doc[inverse, qi]
-    return np.asarray(scores, dtype=np.float64), parts
+        for kind, c in cols.items():
+            per_doc[kind][lo:lo + len(at)] = rows[:, c] @ q_t[kind]
+    at = (inverse.reshape(positions.shape), np.broadcast_to(np.arange(q.shape[0])[:, None], positions.shape))
+    parts = {kind: per_doc[kind][at] for kind in cols if kind}
+    return (sum(parts.values()) if parts else per_doc[""][at]), parts
 
 
 def search(queries: np.ndarray, documents: np.ndarray, k: int, rows_per_step: int = 65536,

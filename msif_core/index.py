@@ -372,7 +372,7 @@ def search(queries: np.ndarray, documents: np.ndarray, k: int, rows_per_step: in
         d = torch.from_numpy(np.array(documents[lo:lo + rows_per_step], dtype=np.float32))  # a copy: may be read-only
         s = q @ d.T
         if row_scale is not None:
-            s *= torch.from_numpy(np.asarray(row_scale[lo:lo + rows_per_step], dtype=np.float32))
+            s *= torch.from_numpy(np.array(row_scale[lo:lo + rows_per_step], dtype=np.float32))  # a copy
         top = torch.topk(s, min(k, s.shape[1]), dim=1)
         best_s = torch.cat([best_s, top.values], dim=1)
         best_i = torch.cat([best_i, top.indices + lo], dim=1)

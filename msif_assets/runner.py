@@ -4,12 +4,18 @@
 incremental loop a deployment's daemon would run, made synchronous:
 
 1. observe the sources (content hashes), sync the shard partitions, record new data versions;
-2. evaluate the automation conditions (``dg.evaluate_automation_conditions``) and add every missing
-   asset partition whose upstream exists;
-3. execute what was requested, in dependency order, one in-process run per (partition, group of
-   assets) — assets of one partition that depend on each other share a run;
-4. repeat 2–3 until nothing is requested. The automation cursor is kept in the instance, so a later
+2. evaluate the automation conditions (``dg.evaluate_automation_conditions``), add every missing
+   asset partition, and everything downstream of what they request — what the eager conditions would
+   request at the following ticks, one level per tick, is run in this one pass;
+3. execute that, in dependency order, one in-process run per (partition, group of assets) — assets of
+   one partition that depend on each other share a run;
+4. evaluate again, to consume the updates step 3 made (and to run whatever they still request) until
+   nothing is requested: usually one more tick. The automation cursor is kept in the instance, so a later
    ``msif run`` sees what changed since this one.
+
+The sources are synced once, before step 2, and nothing else adds or removes partitions, so an update
+reads each dynamic partitions definition's keys once (:func:`_partition_keys_read_once`): Dagster's
+evaluation would otherwise query the instance for them thousands of times a tick.
 
 ``materialize_all()`` forces every asset partition (``msif run --force``).
 """
@@ -18,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -77,6 +84,29 @@ class _Finished:
     run_id: str
     success: bool
     all_events: list
+
+
+@contextmanager
+def _partition_keys_read_once(instance: dg.DagsterInstance) -> Iterator[None]:
+    """Within the block, each dynamic partitions definition's keys are read from ``instance`` once and then
+    served from memory (to Dagster's automation evaluation, to this module, to in-process asset code). Only
+    for a stretch in which nothing adds or deletes a partition: :meth:`Pipeline.update` after its sync."""
+    if "get_dynamic_partitions" in vars(instance):  # already inside such a block
+        yield
+        return
+    read = instance.get_dynamic_partitions
+    keys: dict[str, list[str]] = {}
+
+    def get_dynamic_partitions(partitions_def_name: str) -> list[str]:
+        if partitions_def_name not in keys:
+            keys[partitions_def_name] = list(read(partitions_def_name))
+        return list(keys[partitions_def_name])
+
+    instance.get_dynamic_partitions = get_dynamic_partitions  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del instance.get_dynamic_partitions
 
 
 def _root_cause(error) -> str:
@@ -430,21 +460,23 @@ class Pipeline:
             res.stale[(k.to_user_string(), p)] = why
         failed: set[Unit] = set()
         skipped: set[Unit] = set()
-        for tick in range(max_ticks):
-            res.ticks += 1
-            want = self.evaluate()
-            if include_missing:
-                want |= self.missing_units()
-            if tick == 0:
-                want |= set(stale) | self.failed_units()
-            blocked = self.downstream_units(failed)
-            skipped |= want & blocked
-            want -= failed | blocked
-            if not want:
-                break
-            recs = self.execute(want, skipped)
-            res.runs += recs
-            failed |= {(dg.AssetKey(a), r.partition) for r in recs for a in r.failed_assets}
+        with _partition_keys_read_once(self.instance):
+            for tick in range(max_ticks):
+                res.ticks += 1
+                want = self.evaluate()
+                if include_missing:
+                    want |= self.missing_units()
+                if tick == 0:
+                    want |= set(stale) | self.failed_units()
+                want |= self.downstream_units(want)  # the later ticks' requests, run now
+                blocked = self.downstream_units(failed)
+                skipped |= want & blocked
+                want -= failed | blocked
+                if not want:
+                    break
+                recs = self.execute(want, skipped)
+                res.runs += recs
+                failed |= {(dg.AssetKey(a), r.partition) for r in recs for a in r.failed_assets}
         done = {(dg.AssetKey(a), p) for a, p in res.materialized}
         roots = {(dg.AssetKey(a), r.partition) for r in res.runs for a in r.errors_in}
         # everything downstream of a failure is out of date now, whether this update asked for it or not
@@ -457,12 +489,13 @@ class Pipeline:
         t0 = time.perf_counter()
         res = UpdateResult(sync=self.sync())
         self.echo(f"sources: {res.sync.summary()}")
-        self.evaluate()  # start the automation cursor, so later updates compare against this state
         skipped: set[Unit] = set()
-        res.runs = self.execute(self.all_units(), skipped)
-        roots = {(dg.AssetKey(a), r.partition) for r in res.runs for a in r.errors_in}
-        done = {(dg.AssetKey(a), p) for a, p in res.materialized}
-        self._report_skipped(res, (skipped | self.downstream_units(roots)) - roots - done)
-        self.evaluate()  # consume the updates this run made (they are not changes to react to)
+        with _partition_keys_read_once(self.instance):
+            self.evaluate()  # start the automation cursor, so later updates compare against this state
+            res.runs = self.execute(self.all_units(), skipped)
+            roots = {(dg.AssetKey(a), r.partition) for r in res.runs for a in r.errors_in}
+            done = {(dg.AssetKey(a), p) for a, p in res.materialized}
+            self._report_skipped(res, (skipped | self.downstream_units(roots)) - roots - done)
+            self.evaluate()  # consume the updates this run made (they are not changes to react to)
         res.seconds = time.perf_counter() - t0
         return res

@@ -32,15 +32,27 @@ def _ids(values: pd.Series, n: int = 5) -> str:
     return ", ".join(v[:n]) + (f" and {len(v) - n} more" if len(v) > n else "")
 
 
-def check_checkpoints(cfg: ExperimentConfig) -> tuple[list[str], list[str]]:
-    """(errors, notices) of both checkpoints, each naming its ``[models]`` key and folder."""
+def check_checkpoints(cfg: ExperimentConfig, known: dict[str, list[str]] | None = None,
+                      passed: dict[str, list[str]] | None = None) -> tuple[list[str], list[str]]:
+    """(errors, notices) of both checkpoints, each naming its ``[models]`` key and folder.
+
+    ``known`` maps ``"<key>:<checkpoint_key>"`` (:func:`checkpoint_key`) of a checkpoint that passed before
+    to its notices: such a checkpoint is not checked again (a new fine-tune re-checks only the fine-tuned
+    folder). Each checkpoint that passes now is added to ``passed`` under its key."""
     from msif_core.checkpoints import checkpoint_problems
 
     errors, notices = [], []
     for key, path in (("pretrained", cfg.pretrained), ("finetuned", cfg.finetuned)):
-        e, n = checkpoint_problems(path, need_tokenizer=True)
+        ckey = f"{key}:{checkpoint_key(path)}"
+        if known is not None and ckey in known:
+            n, e = list(known[ckey]), []
+        else:
+            e, n = checkpoint_problems(path, need_tokenizer=True)
+            n = [f"[models] {key}: {x}" for x in n]
+        if not e and passed is not None:
+            passed[ckey] = n
         errors += [f"[models] {key}: {x}" for x in e]
-        notices += [f"[models] {key}: {x}" for x in n]
+        notices += n
     return errors, notices
 
 
@@ -140,19 +152,8 @@ CACHE_NAME = ".msif_preflight.json"  # under the lakehouse root: the key and not
 CHECKS_VERSION = 1  # raise when a check is added or changed: remembered results of older checks do not count
 
 
-def _inputs_key(cfg: ExperimentConfig) -> str:
-    """A hash of the checks' version, the settings and every input file's path, size, modification and change
-    times and inode (the checkpoint
-    folders' files, the corpus, the fine-tuning data, the queries): what a passed check stays valid for."""
-    import hashlib
-    import json
-    from pathlib import Path
-
-    files: list[Path] = []
-    for folder in (cfg.pretrained, cfg.finetuned):
-        if Path(folder).is_dir():
-            files += sorted(p for p in Path(folder).iterdir() if p.is_file())
-    files += [*cfg.corpus_files(), Path(cfg.finetuning_data), Path(cfg.queries)]
+def _file_stats(files: list) -> list:
+    """(path, size, modification and change times, inode) of each file; Nones for one that cannot be read."""
     stats = []
     for f in files:
         try:
@@ -160,9 +161,37 @@ def _inputs_key(cfg: ExperimentConfig) -> str:
             stats.append((str(f), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
         except OSError:
             stats.append((str(f), None, None, None, None))
-    blob = json.dumps({"checks": CHECKS_VERSION, "settings": cfg.as_dict(), "files": stats}, sort_keys=True,
-                      default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return stats
+
+
+def _hash(obj: object) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _folder_files(folder: object) -> list:
+    from pathlib import Path
+
+    return sorted(p for p in Path(folder).iterdir() if p.is_file()) if Path(folder).is_dir() else []
+
+
+def checkpoint_key(folder: object) -> str:
+    """A hash of the checks' version and the checkpoint folder's files (path, size, times, inode): what a
+    passed check of that one checkpoint stays valid for."""
+    return _hash({"checks": CHECKS_VERSION, "checkpoint": str(folder), "files": _file_stats(_folder_files(folder))})
+
+
+def _inputs_key(cfg: ExperimentConfig) -> str:
+    """A hash of the checks' version, the settings and every input file's path, size, modification and change
+    times and inode (the checkpoint folders' files, the corpus, the fine-tuning data, the queries): what a
+    passed check stays valid for."""
+    from pathlib import Path
+
+    files = [*_folder_files(cfg.pretrained), *_folder_files(cfg.finetuned),
+             *cfg.corpus_files(), Path(cfg.finetuning_data), Path(cfg.queries)]
+    return _hash({"checks": CHECKS_VERSION, "settings": cfg.as_dict(), "files": _file_stats(files)})
 
 
 def preflight(cfg: ExperimentConfig, cache: bool = True) -> list[str]:
@@ -171,35 +200,41 @@ def preflight(cfg: ExperimentConfig, cache: bool = True) -> list[str]:
     With ``cache``, a check that passed is remembered under the lakehouse root (:data:`CACHE_NAME`) with
     the hash of the settings and of the input files' sizes and modification times: while those are the same,
     the notices are returned without reading the inputs again (each Dagster run process loads the
-    definitions, and with them this check: 2 s on a tiny world)."""
+    definitions, and with them this check: 2 s on a tiny world). When anything changed, a checkpoint whose
+    own files did not (:func:`checkpoint_key`; the pre-trained one after a new fine-tune) is not checked
+    again: building its model on the meta device and loading its tokenizer take seconds."""
     import json
     from pathlib import Path
 
     path = Path(cfg.root) / CACHE_NAME
     key = _inputs_key(cfg) if cache else ""
+    known: dict[str, list[str]] = {}
     if cache:
         try:
             hit = json.loads(path.read_text())
             if hit.get("key") == key:
                 return list(hit["notes"])
-        except (OSError, ValueError, KeyError):
-            pass
-    notes = _preflight(cfg)
+            known = {str(k): list(v) for k, v in dict(hit.get("checkpoints", {})).items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            known = {}
+    passed: dict[str, list[str]] = {}
+    notes = _preflight(cfg, known if cache else None, passed)
     if cache and Path(cfg.root).is_dir():
         from .io import write_text_atomic
 
         try:
-            write_text_atomic(json.dumps({"key": key, "notes": notes}), path)
+            write_text_atomic(json.dumps({"key": key, "notes": notes, "checkpoints": passed}), path)
         except OSError:  # a read-only lakehouse: check every time
             pass
     return notes
 
 
-def _preflight(cfg: ExperimentConfig) -> list[str]:
+def _preflight(cfg: ExperimentConfig, known: dict[str, list[str]] | None = None,
+               passed: dict[str, list[str]] | None = None) -> list[str]:
     from .config import input_errors
 
     errors = input_errors(cfg)  # and keep going: report what the other checks find too
-    e1, notices = check_checkpoints(cfg)
+    e1, notices = check_checkpoints(cfg, known, passed)
     e1 = [x for x in e1 if not any(x.startswith(y.split(":", 1)[0] + ":") for y in errors)]
     missing_data = any("[data]" in x for x in errors)
     e2, warnings = ([], []) if missing_data else check_data(cfg)

@@ -365,3 +365,35 @@ def test_preflight_remembers_a_clean_check_until_an_input_changes(fresh, monkeyp
     with pytest.raises(ConfigError, match="queries"):
         pf.preflight(cfg)
     assert calls == [1]
+
+
+def test_preflight_rechecks_only_the_checkpoint_that_changed(fresh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new fine-tune changes the fine-tuned folder only: the pre-trained checkpoint, which passed before with
+    the same files, is not checked again (its meta-device build and tokenizer load take seconds), the
+    fine-tuned one is, and a problem in it is still found."""
+    import msif_core.checkpoints as ck
+    from msif_assets import preflight as pf
+    from msif_assets.config import ConfigError, load_config
+
+    root, toml = fresh
+    cfg = load_config(toml)
+    (root / "lakehouse").mkdir(exist_ok=True)
+    first = pf.preflight(cfg)
+    checked: list[str] = []
+    real = ck.checkpoint_problems
+    monkeypatch.setattr(ck, "checkpoint_problems", lambda p, **kw: checked.append(str(p)) or real(p, **kw))
+    ft = root / "ckpt" / "finetuned" / "config.json"
+    c = json.loads(ft.read_text())
+    ft.write_text(json.dumps(c, indent=1))  # same model, new file: a changed fine-tuned folder
+    assert pf.preflight(cfg) == first
+    assert checked == [str(cfg.finetuned)]
+    c["intermediate_size"] *= 2
+    ft.write_text(json.dumps(c))
+    with pytest.raises(ConfigError, match=r"\[models\] finetuned: .*disagree with config.json"):
+        pf.preflight(cfg)
+    assert checked == [str(cfg.finetuned)] * 2
+    checked.clear()
+    (root / "ckpt" / "pretrained" / "config.json").write_text(json.dumps(c))  # and now the pre-trained one
+    with pytest.raises(ConfigError, match=r"\[models\] pretrained: .*disagree"):
+        pf.preflight(cfg)
+    assert sorted(checked) == sorted([str(cfg.pretrained), str(cfg.finetuned)])

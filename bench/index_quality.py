@@ -17,6 +17,10 @@ forward+backward pass over the same documents in the same batches. ``--dtype flo
 vectors as the index would with ``[index] dtype = "float16"`` (unit rows in half precision times their
 float32 norms, :func:`msif_core.index.encode_rows`) before scoring. Rows go to
 bench/results/index_quality.jsonl (one per configuration), the table to stdout.
+
+``--gdp``: also the gradient dot product from the same document vectors (method ``gdp_index``: query vectors
+Π W⁻¹ ∇m, :func:`msif_core.index.query_vectors` with ``method="gdp"``; plain products, never divided by a
+norm) against exact GDP over all documents, one row per k and split with ``score = "gdp"``.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", default="float32", help="storage of the document vectors, comma-separated")
     ap.add_argument("--split", default="whitened,plain", help="splits of P_pt to try, comma-separated")
+    ap.add_argument("--gdp", action="store_true", help="also gdp_index against exact GDP")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "index_quality.jsonl"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -120,6 +125,9 @@ def main() -> None:
     plain_s = time.perf_counter() - t
 
     methods: dict[str, np.ndarray] = {"ms_if (exact)": exact}
+    if args.gdp:
+        methods["gdp (exact)"] = score_documents(pt.model, query_ihvps(grads, specs, "gdp"), docs,
+                                                 settings.batch_size, pt.pad_id).scores
     base = dict(world=str(world), documents=len(doc_ids), queries=len(true_ids), analysed_parameters=n_params,
                 damping=lam, exact_ms_if_s=round(exact_s, 1), plain_pass_s=round(plain_s, 2))
     rows = []
@@ -158,9 +166,24 @@ def main() -> None:
                                      q10_spearman=round(float(np.quantile(rho, 0.1)), 4),
                                      build_s=round(build_s, 2), build_vs_plain=round(build_s / plain_s, 2),
                                      query_vectors_s=round(query_s, 2)))
+                if args.gdp and dtype == "float32":
+                    sc = products(phi, query_vectors(grads, specs, None, pt_f, proj, damping_pt=lam, whiten=whiten,
+                                                     method="gdp"))
+                    name = f"gdp_index k={proj.dimensions} {'whitened' if whiten else 'plain'} seed={seed}"
+                    methods[name] = sc
+                    methods[name + f" +rerank{args.rerank}"] = reranked(sc, methods["gdp (exact)"], args.rerank)
+                    rho = spearman_per_query(sc, methods["gdp (exact)"])
+                    rows.append(dict(base, method=name, dimensions=proj.dimensions, requested=k, seed=seed,
+                                     whiten=whiten, dtype=dtype, score="gdp",
+                                     median_spearman=round(float(np.median(rho)), 4),
+                                     q10_spearman=round(float(np.quantile(rho, 0.1)), 4),
+                                     build_s=round(build_s, 2), build_vs_plain=round(build_s / plain_s, 2)))
     table = evaluate_rankings(methods, doc_ids, true_ids).set_index("method")
     for row in rows:
         m = row["method"]
+        if row["score"] == "gdp":
+            row.update(exact_gdp_mrr=round(float(table.loc["gdp (exact)", "mrr"]), 4),
+                       exact_gdp_recall_at_10=round(float(table.loc["gdp (exact)", "recall_at_10"]), 4))
         row.update(mrr=round(float(table.loc[m, "mrr"]), 4), recall_at_10=round(float(table.loc[m, "recall_at_10"]), 4),
                    mrr_rerank=round(float(table.loc[m + f" +rerank{args.rerank}", "mrr"]), 4),
                    exact_mrr=round(float(table.loc["ms_if (exact)", "mrr"]), 4),

@@ -36,9 +36,13 @@ def factors_problems(directory: Path) -> dict[str, list[str]]:
 
 def score_problems(layout: Layout) -> dict[str, list[str]]:
     """``{"finite": [...], "rows": [...], "duplicates": [...]}`` over all influence_scores partitions (the
-    rows of every method but ``ms_if_index``, which keeps its own top documents, follow the candidates)."""
+    rows of every method but ``ms_if_index`` and ``gdp_index``, which keep their own top documents, follow the
+    candidates)."""
     con = connect(layout)
-    cand = "method NOT IN ('ms_if_index')"  # the index keeps its own top [index] keep, not the candidates
+    from msif_core.methods import INDEX_METHODS
+
+    # the index keeps its own top [index] keep, not the candidates
+    cand = "method NOT IN (" + ", ".join(f"'{m}'" for m in INDEX_METHODS) + ")"
     try:
         nonfinite = con.execute(
             "SELECT method, count(*) FROM influence_scores_by_shard WHERE score IS NULL OR NOT isfinite(score) "

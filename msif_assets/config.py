@@ -51,7 +51,8 @@ Example (every key but the paths shows its default)::
     seed = 0                        # of the random projection
     cosine = true                   # rank by <psi, phi> / |phi| (false: the plain product)
     dtype = "float16"               # unit rows + their norms (half the bytes, same ranking); or "float32"
-    keep = 100                      # documents per query and shard kept as method ms_if_index
+    gdp = false                     # also gdp_index: gradient dot product from the same index
+    keep = 100                      # documents per query and shard kept as method ms_if_index (and gdp_index)
     rerank = 100                    # with candidates = "index": documents per query and shard scored exactly
 """
 

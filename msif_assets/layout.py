@@ -64,6 +64,10 @@ class Layout:
         """The queries' index vectors ψ (``query_vectors``: .npy, with a .json of ids and manifest)."""
         return self.root / "index" / "query_vectors.npy"
 
+    def query_vectors_of(self, method: str) -> Path:
+        """The queries' index vectors of ``method`` (``ms_if``: :attr:`query_vectors`; ``gdp``: beside it)."""
+        return self.query_vectors if method == "ms_if" else self.query_vectors.with_name(f"query_vectors_{method}.npy")
+
     def covariance_sums(self, key: str) -> Path:
         """Partial covariance sums of one pre-training shard."""
         return self.root / "factors" / "pretrain_partial" / f"covariance_{key}.safetensors"

@@ -19,7 +19,11 @@ Two ways of splitting P_pt (``whiten``):
 - plain: φ = Π Q_ptᵀ ∇ℓ Q_pt (the rotated gradient), ψ = Π Q_ptᵀ P_pt P_ft ∇m Q_pt (all of P_pt on the
   query side); λ_pt does not enter the index.
 
-Without projection (``dimensions=None``) ⟨ψ, φ⟩ is exactly MS-IF, which the tests check against
+The same index also answers the gradient dot product (``gdp_index``; :func:`query_vectors` with
+``method="gdp"``): a query vector Π W⁻¹ ∇m against φ gives ∇mᵀ∇ℓ, with no fine-tune factors and no
+second pass over the corpus.
+
+Without projection (``dimensions=None``) ⟨ψ, φ⟩ is exactly MS-IF (or GDP), which the tests check against
 explicit preconditioning. Vector columns run module by module, block by block (``Projection.columns``),
 so the MLP and attention shares of an index score are sums over column ranges.
 """
@@ -252,11 +256,20 @@ def document_norms(model: nn.Module, specs: Sequence[ModuleSpec], encoded: Encod
     return DocumentNorms(grad_sq, self_inf)
 
 
-def query_vectors(grads: MeasurementGradients, specs: Sequence[ModuleSpec], ft_factors: Factors,
+def query_vectors(grads: MeasurementGradients, specs: Sequence[ModuleSpec], ft_factors: Factors | None,
                   pt_factors: Factors, projection: Projection, damping_ft: float | str = 1e-4,
-                  damping_pt: float | str = 1e-4, whiten: bool = True) -> np.ndarray:
-    """Query vectors ψ(x) [Q, dimensions] from measurement gradients on θ_ft: Π Wᵀ P_ft ∇m (whiten) or
-    Π Q_ptᵀ P_pt P_ft ∇m Q_pt (plain), a slice of queries at a time (temporaries stay bounded)."""
+                  damping_pt: float | str = 1e-4, whiten: bool = True, method: str = "ms_if") -> np.ndarray:
+    """Query vectors ψ(x) [Q, dimensions] from measurement gradients on θ_ft, a slice of queries at a time
+    (temporaries stay bounded).
+
+    ``method="ms_if"``: Π Wᵀ P_ft ∇m (whiten) or Π Q_ptᵀ P_pt P_ft ∇m Q_pt (plain), so ⟨ψ, φ⟩ ≈ MS-IF.
+    ``method="gdp"``: the gradient dot product ∇mᵀ∇ℓ from the same index, without ``ft_factors``:
+    ψ = Π W⁻¹ ∇m = Π (Λ_pt + λ)^(+1/2) ⊙ Q_ptᵀ ∇m Q_pt (whiten; W is invertible for λ > 0) or Π Q_ptᵀ ∇m Q_pt
+    (plain; Q_pt is orthogonal), so ⟨ψ, φ⟩ ≈ ∇m(x; θ_ft)ᵀ ∇ℓ(z; θ_pt)."""
+    if method not in ("ms_if", "gdp"):
+        raise ValueError(f"index query vectors are for ms_if or gdp, got {method!r}")
+    if method == "ms_if" and ft_factors is None:
+        raise ValueError("ms_if query vectors are preconditioned by the fine-tune factors; pass ft_factors")
     nq = grads.n_queries
     out = None
     for s in specs:
@@ -266,8 +279,11 @@ def query_vectors(grads: MeasurementGradients, specs: Sequence[ModuleSpec], ft_f
         for lo in range(0, nq, QUERY_SLICE):
             sl = slice(lo, min(lo + QUERY_SLICE, nq))
             src = dict(tokens=(tok[0][sl], tok[1][sl])) if tok is not None else dict(grads=grads[s.name][sl])
-            rot, _, _ = ft_factors.in_eigenbasis(s.name, damping_ft, pt_factors, damping_pt,
-                                                 then_power=0.5 if whiten else 1.0, **src)
+            if method == "ms_if":
+                rot, _, _ = ft_factors.in_eigenbasis(s.name, damping_ft, pt_factors, damping_pt,
+                                                     then_power=0.5 if whiten else 1.0, **src)
+            else:
+                rot, _, _ = pt_factors.in_eigenbasis(s.name, damping_pt, power=-0.5 if whiten else 0.0, **src)
             x = projection.apply(s.name, rot)
             if out is None:
                 out = torch.zeros(nq, projection.dimensions, dtype=torch.float64 if x.dtype == torch.float64

@@ -14,6 +14,8 @@
               (the whitened cosine; :func:`msif_core.index.document_norms`)
 ``ms_if_index`` MS-IF from the pre-training influence index, ⟨ψ(x), φ(z)⟩ of projected whitened
               gradients (:mod:`msif_core.index`); the pipeline adds it when ``[index] dimensions > 0``
+``gdp_index`` GDP from the same index, ⟨Π W⁻¹ ∇m(x; θ_ft), φ(z)⟩ ≈ ∇m(x; θ_ft)ᵀ ∇ℓ(z; θ_pt), never divided by
+              a norm; the pipeline adds it with ``[index] gdp = true``
 ``ms_if_rrf`` MIXED, retrieval + influence: reciprocal-rank fusion of MS-IF's and the retriever's ranks,
               Σ 1 / (k + rank) over the two (Cormack et al. 2009; k = ``[scores] rrf_k``), ranks per query
               across the corpus (:func:`rrf_scores`; the pipeline computes it in its SQL views)
@@ -64,12 +66,14 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            False, True, True, "pretrained", True),
     Method("ms_if_index", "MS-IF from the pre-training influence index (random projection)", False, True, True,
            "pretrained", True),
+    Method("gdp_index", "gradient dot product from the pre-training influence index (random projection)", False,
+           True, False, "pretrained", True),
     Method("ms_if_rrf", "MIXED retrieval + influence: reciprocal-rank fusion of MS-IF and the retriever", False,
            False, False, "", mixes=("ms_if", "retriever")),
 )}
 # methods that rescale another method's scores by a per-document norm (the pipeline computes them from it)
 DERIVED: dict[str, str] = {"ms_if_unit": "ms_if", "ms_if_cosine": "ms_if"}
-INDEX_METHODS: tuple[str, ...] = ("ms_if_index",)  # scored by the pipeline from its index, not by score()
+INDEX_METHODS: tuple[str, ...] = ("ms_if_index", "gdp_index")  # scored by the pipeline from its index, not by score()
 MIXED: dict[str, tuple[str, ...]] = {m.name: m.mixes for m in METHODS.values() if m.mixes}  # fusions of rankings
 # the reciprocal-rank fusion constant: the literature's 60 (Cormack, Clarke and Büttcher 2009) keeps MRR but
 # lowers Recall@10 below the retriever's on the demo world; 1 was chosen on a world of another seed (README)

@@ -94,7 +94,10 @@ class IndexSettings:
                                     "its norm kept in float32: half the bytes of float32, the same ranking as "
                                     "measured), or float32",
                          choices=("float32", "float16"))
-    keep: int = setting(100, "documents per query and shard kept as method ms_if_index", minimum=1)
+    gdp: bool = setting(False, "also rank by the gradient dot product from the same index (method gdp_index: "
+                               "query vectors Π W⁻¹ ∇m; no fine-tune factors, no second pass over the corpus)")
+    keep: int = setting(100, "documents per query and shard kept as method ms_if_index (and gdp_index)",
+                        minimum=1)
     rerank: int = setting(100, 'with [scores] candidates = "index": the documents per query and shard, by index '
                                "score, that the exact methods score", minimum=1)
 
@@ -102,6 +105,11 @@ class IndexSettings:
     def enabled(self) -> bool:
         """Whether an index is built."""
         return self.dimensions > 0
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods scored from the index: ms_if_index, and gdp_index with ``gdp`` (none without an index)."""
+        return (("ms_if_index",) + (("gdp_index",) if self.gdp else ())) if self.enabled else ()
 
 
 def default_of(cls: type, name: str) -> Any:

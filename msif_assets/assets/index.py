@@ -5,8 +5,9 @@
 
 ``influence_index[s]`` holds each document's φ(z) = Π Wᵀ ∇ℓ(z; θ_pt) and depends on nothing of the
 fine-tuned side, so a new fine-tuned checkpoint or new queries never rebuild it; ``query_vectors`` holds
-each query's ψ(x). ``influence_scores[s]`` scores every document of its shard by ⟨ψ, φ⟩ and keeps each
-query's top ``[index] keep`` as method ``ms_if_index``. Both files carry the manifest of the pre-trained
+each query's ψ(x) (with ``[index] gdp``, also the GDP query vectors Π W⁻¹ ∇m). ``influence_scores[s]`` scores
+every document of its shard by ⟨ψ, φ⟩ and keeps each query's top ``[index] keep`` as method ``ms_if_index``
+(and ``gdp_index``). Both files carry the manifest of the pre-trained
 model, factors, projection and damping they were made with; scoring refuses a pair that disagrees.
 """
 
@@ -110,11 +111,13 @@ def influence_index(step: Step) -> dg.MaterializeResult:
        "Each query's influence index vector ψ = Π Wᵀ P_ft ∇m(x; θ_ft) (measurement gradients on the fine-tuned "
        "model, preconditioned by P_ft, whitened and projected like the documents).",
        deps=["queries", "finetuned_checkpoint", "pretrain_factors", "finetune_factors"],
-       settings=[*INDEX_SETTINGS, *FACTOR_SETTINGS, "scores.damping_finetune"], version_extra=_damping_version,
-       kinds=["pytorch", "numpy"], heavy=True, resources=["lakehouse", "device"], when=_enabled,
-       outputs=lambda lay, k, _: [lay.query_vectors, lay.query_vectors.with_suffix(".json")])
+       settings=[*INDEX_SETTINGS, *FACTOR_SETTINGS, "scores.damping_finetune", "index.gdp"],
+       version_extra=_damping_version, kinds=["pytorch", "numpy"], heavy=True, resources=["lakehouse", "device"],
+       when=_enabled, outputs=lambda lay, k, cfg: [lay.query_vectors_of(m) for m in _query_methods(cfg)]
+       + [lay.query_vectors.with_suffix(".json")])
 def query_vectors(step: Step) -> dg.MaterializeResult:
-    """ψ of every query that has a completion token within max_length, a slice of queries at a time."""
+    """ψ of every query that has a completion token within max_length, a slice of queries at a time; with
+    ``[index] gdp`` the GDP query vectors too, from the same measurement gradients."""
     import torch
 
     from msif_core.api import encode_queries
@@ -139,18 +142,20 @@ def query_vectors(step: Step) -> dg.MaterializeResult:
         raise dg.Failure(f"{cfg.queries}: no query has a completion token within max_length="
                          f"{cfg.factors.max_length}; give the queries non-empty completions")
     t = Timer()
-    parts = []
+    methods = _query_methods(cfg)
+    parts: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     for lo in range(0, len(qids), QUERY_SLICE):
         sl = qenc.subset(range(lo, min(lo + QUERY_SLICE, len(qids))))
         grads = measurement_gradients(ft.model, specs, sl, cfg.factors.batch_size, ft.pad_id)
-        parts.append(vectors(grads, specs, ftf, ptf, proj, cfg.scores.damping_finetune, cfg.scores.damping_pretrain,
-                             cfg.index.whiten).astype(np.float32))
+        for m in methods:
+            parts[m].append(vectors(grads, specs, ftf, ptf, proj, cfg.scores.damping_finetune,
+                                    cfg.scores.damping_pretrain, cfg.index.whiten, method=m).astype(np.float32))
         del grads
-    psi = np.concatenate(parts)
-    buf = io.BytesIO()
-    np.save(buf, psi)
-    layout.query_vectors.with_suffix(".json").unlink(missing_ok=True)
-    write_text_atomic(buf.getvalue(), layout.query_vectors)
+    layout.query_vectors.with_suffix(".json").unlink(missing_ok=True)  # no ids until every file is complete
+    for m in methods:
+        buf = io.BytesIO()
+        np.save(buf, np.concatenate(parts[m]))
+        write_text_atomic(buf.getvalue(), layout.query_vectors_of(m))
     write_text_atomic(json.dumps({"manifest": manifest, "query_ids": qids}, indent=1),
                       layout.query_vectors.with_suffix(".json"))
     return dg.MaterializeResult(metadata={"queries": len(qids), "dimensions": proj.dimensions,
@@ -158,29 +163,37 @@ def query_vectors(step: Step) -> dg.MaterializeResult:
                                           "path": dg.MetadataValue.path(str(layout.query_vectors))})
 
 
-def read_query_vectors(step: Step) -> tuple[np.ndarray, list[str], dict]:
-    """(ψ [Q, k], query ids, manifest) as ``query_vectors`` wrote them, or an error naming the fix."""
+def _query_methods(cfg) -> tuple[str, ...]:
+    """The methods whose query vectors ``query_vectors`` writes: ms_if, and gdp with ``[index] gdp``."""
+    return ("ms_if", "gdp") if cfg.index.gdp else ("ms_if",)
+
+
+def read_query_vectors(step: Step, method: str = "ms_if") -> tuple[np.ndarray, list[str], dict]:
+    """(ψ [Q, k] of ``method``, query ids, manifest) as ``query_vectors`` wrote them, or an error naming the
+    fix."""
     layout = step.layout
     meta_path = layout.query_vectors.with_suffix(".json")
+    path = layout.query_vectors_of(method)
     try:
         meta = json.loads(meta_path.read_text())
-        psi = np.load(layout.query_vectors)
+        psi = np.load(path)
     except (OSError, ValueError) as e:
-        raise CorruptTableError(f"query index vectors {layout.query_vectors} (or {meta_path.name}) are missing or "
+        raise CorruptTableError(f"query index vectors {path} (or {meta_path.name}) are missing or "
                                 f"unreadable ({e}). Fix: {fix('query_vectors')}") from e
     if psi.shape[0] != len(meta.get("query_ids", [])):
-        raise CorruptTableError(f"{layout.query_vectors} holds {psi.shape[0]} vectors for "
+        raise CorruptTableError(f"{path} holds {psi.shape[0]} vectors for "
                                 f"{len(meta.get('query_ids', []))} query ids. Fix: {fix('query_vectors')}")
     return psi, list(meta["query_ids"]), meta["manifest"]
 
 
-def load_index(step: Step, key: str, what: str
+def load_index(step: Step, key: str, what: str, cosine: bool | None = None
                ) -> tuple[np.ndarray, np.ndarray | None, list[str], np.ndarray, list[str], dict]:
     """(φ [N, k] as stored, its row scale (float16 unit rows: their norms; None: float32 rows), doc ids,
     ψ [Q, k], query ids, manifest) of shard ``key``, after checking that the shard's index and the query
     vectors were made for the same model, factors, projection and damping; errors say which file and the
-    fix. ``what`` names the asset that reads them. The scale is that of the rows as scored: with
-    ``[index] cosine`` every row of unit length (:func:`msif_core.index.score_scale`)."""
+    fix. ``what`` names the asset that reads them. The scale is that of the rows as scored: with ``cosine``
+    (default ``[index] cosine``) every row of unit length (:func:`msif_core.index.score_scale`), else the rows
+    as built."""
     from msif_core.index import IndexMismatchError, check_manifest, score_scale
 
     layout = step.layout
@@ -207,17 +220,19 @@ def load_index(step: Step, key: str, what: str
         raise CorruptTableError(f"{where}: the LanceDB table {layout.index_table(key)} holds {len(doc_ids)} rows of "
                                 f"{phi.shape[1]} numbers; its manifest says {found.get('documents')} of "
                                 f"{expected['dimensions']}. Fix: {fix('influence_index', key)}")
-    return phi, score_scale(phi, scale, step.cfg.index.cosine), doc_ids, psi, qids, expected
+    cosine = step.cfg.index.cosine if cosine is None else cosine
+    return phi, score_scale(phi, scale, cosine), doc_ids, psi, qids, expected
 
 
 def index_rows(step: Step, key: str, specs) -> pd.DataFrame:
-    """Method ``ms_if_index`` of shard ``key``: every document scored by ⟨ψ, φ⟩, each query's top
-    ``[index] keep`` kept (query_id, doc_id, method, score, mlp_score, mha_score; ``[index] cosine``: each
-    divided by the document vector's norm): the top by an exact float32
-    search a step of rows at a time, their float64 scores and block-kind parts from those rows only."""
-    from msif_core.index import Projection, pair_scores, search
+    """Method ``ms_if_index`` (and ``gdp_index`` with ``[index] gdp``) of shard ``key``: every document scored
+    by ⟨ψ, φ⟩, each query's top ``[index] keep`` kept (query_id, doc_id, method, score, mlp_score, mha_score;
+    ``[index] cosine``: ms_if_index divided by the document vector's norm, gdp_index never): the top by an
+    exact float32 search a step of rows at a time, their float64 scores and block-kind parts from those rows
+    only."""
+    from msif_core.index import Projection, pair_scores, score_scale, search
 
-    phi, scale, doc_ids, psi, qids, expected = load_index(step, key, "influence_scores")
+    phi, plain, doc_ids, psi, qids, expected = load_index(step, key, "influence_scores", cosine=False)
     proj = Projection([s for s in specs if s.name in expected["shapes"]], expected["dimensions_requested"],
                       seed=expected["seed"])
     if proj.manifest()["shapes"] != expected["shapes"]:
@@ -225,16 +240,26 @@ def index_rows(step: Step, key: str, specs) -> pd.DataFrame:
                          f"from the one the index was built with. Fix: {fix('influence_index', key)} and "
                          f"{fix('query_vectors')}")
     keep = min(step.cfg.index.keep, len(doc_ids))
-    pos, _ = search(psi, phi, keep, row_scale=scale)  # [Q, keep]: the rows as scored (cosine: unit rows)
-    scores, parts = pair_scores(psi, phi, pos, proj, row_scale=scale)
 
     def flat(x: np.ndarray | None) -> np.ndarray | float:
         return np.nan if x is None else x.reshape(-1)
 
-    return pd.DataFrame({"query_id": np.repeat(np.asarray(qids, dtype=object), keep),
-                         "doc_id": np.asarray(doc_ids, dtype=object)[pos.reshape(-1)], "method": "ms_if_index",
-                         "score": flat(scores), "mlp_score": flat(parts.get("mlp")),
-                         "mha_score": flat(parts.get("mha"))})
+    frames = []
+    for method in step.cfg.index.methods:
+        scale = score_scale(phi, plain, step.cfg.index.cosine)  # plain: the rows as built (float16: × norm)
+        if method == "gdp_index":  # the plain product, never divided by a norm
+            psi, qids, found = read_query_vectors(step, "gdp")
+            if found != expected:
+                raise dg.Failure(f"GDP query vectors {step.layout.query_vectors_of('gdp')} were made with another "
+                                 f"index than the ms_if ones. Fix: {fix('query_vectors')}")
+            scale = plain
+        pos, _ = search(psi, phi, keep, row_scale=scale)  # [Q, keep]: the rows as scored (cosine: unit rows)
+        scores, parts = pair_scores(psi, phi, pos, proj, row_scale=scale)
+        frames.append(pd.DataFrame({"query_id": np.repeat(np.asarray(qids, dtype=object), keep),
+                                    "doc_id": np.asarray(doc_ids, dtype=object)[pos.reshape(-1)], "method": method,
+                                    "score": flat(scores), "mlp_score": flat(parts.get("mlp")),
+                                    "mha_score": flat(parts.get("mha"))}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def index_candidates(step: Step, key: str) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:

@@ -119,8 +119,9 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
         rows = index_rows(step, key, pt.specs)
         rows = rows[rows.query_id.isin(set(scored_q.query_id))]
         frames.append(rows.merge(cands[["query_id", "doc_id", "distance"]], on=["query_id", "doc_id"], how="left"))
-        md["index_pairs/ms_if_index"] = len(rows)
-        md["seconds/ms_if_index"] = round(t.seconds, 3)
+        for m in cfg.index.methods:
+            md[f"index_pairs/{m}"] = int((rows.method == m).sum())
+        md["seconds/index"] = round(t.seconds, 3)
     if not frames:  # no candidate pair in this shard: an empty table of the same columns
         frames = [long_table(np.zeros((0, 0)), [], [], "", None, None).assign(distance=np.nan)]
     table = pd.concat(frames, ignore_index=True).rename(columns={"distance": "candidate_distance"})
@@ -129,7 +130,7 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
     if "self_influence" not in table:  # no normalised method: NULL
         table["self_influence"] = np.nan
     damping = {m: registry.damping_columns(m, cfg.scores.damping_pretrain, cfg.scores.damping_finetune)
-               for m in (*cfg.scores.methods, *(registry.INDEX_METHODS if cfg.index.enabled else ()))
+               for m in (*cfg.scores.methods, *cfg.index.methods)
                if m not in registry.MIXED}
     for col in ("damping_pretrain", "damping_finetune"):
         applies = [m for m, d in damping.items() if d[col] is not None]
@@ -196,6 +197,7 @@ def stored_methods_version(cfg) -> str:
        settings=["factors.max_length", "scores.damping_pretrain", "scores.damping_finetune"],
        version_extra=lambda cfg, _: stored_methods_version(cfg) + (f"; index keep={cfg.index.keep}"
                                                                    + ("; cosine" if cfg.index.cosine else "")
+                                                                   + ("; gdp" if cfg.index.gdp else "")
                                                                    if cfg.index.enabled else ""),
        partitions=CORPUS_PARTITIONS, kinds=["pytorch", "parquet"], heavy=True, resources=["lakehouse", "device"],
        outputs=lambda lay, k, _: [lay.scores(k)])

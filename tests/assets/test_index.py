@@ -143,3 +143,36 @@ def test_float16_plain_product_index_rebuilds_the_index_only_and_equals_ms_if(wo
     assert np.abs(new.mlp_score - exact.mlp_score).max() < 2e-3 * np.abs(exact.score).max()
     old = before[before.method == "ms_if_index"].set_index(key).score  # the float32 cosine rows: other scores
     assert not np.allclose(old.to_numpy(), new.score.reindex(old.index).fillna(0).to_numpy())
+
+
+def test_gdp_from_the_same_index_rebuilds_no_index_partition_and_equals_gdp(world) -> None:
+    """``[index] gdp = true`` adds method ``gdp_index`` from the same document vectors: only the query side
+    (``query_vectors``) and the scores are recomputed, never an index partition; unprojected it equals exact
+    ``gdp`` (the plain product even with ``[index] cosine``, which ``ms_if_index`` still uses). After the
+    float16 test: the index holds float16 unit rows."""
+    root, cfg, pipe = world
+    layout = Layout(cfg.root)
+    src = cfg.source.with_name("experiment_fp16.toml").read_text()
+    toml = cfg.source.with_name("experiment_gdp.toml")
+    toml.write_text(src.replace("cosine = false", "gdp = true").replace('"ms_if",', '"ms_if", "gdp",', 1))
+    assert "gdp = true" in toml.read_text() and '"gdp"' in toml.read_text()
+    _, cfg_gdp, pipe_gdp = make_pipeline(toml, instance=pipe.instance)
+    mark = latest_storage_id(pipe.instance)
+    res = pipe_gdp.update()
+    assert not res.failures, res.failures
+    done = {a for a, _ in materializations_since(pipe.instance, mark)}
+    assert {"query_vectors", "influence_scores"} <= done
+    assert not done & {"influence_index", "corpus_shards", "pretrain_factors", "finetune_factors"}
+    assert layout.query_vectors_of("gdp").exists()
+    t = pd.read_parquet(layout.scores(SHARDS[0]))
+    key = ["query_id", "doc_id"]
+    new = t[t.method == "gdp_index"].set_index(key)
+    exact = t[t.method == "gdp"].set_index(key).reindex(new.index)
+    assert len(new) == 6 * 10 and exact.score.notna().all()
+    assert np.abs(new.score - exact.score).max() < 2e-3 * np.abs(exact.score).max()  # float16 rows
+    assert (exact.shard_rank <= 11).mean() > 0.95  # gdp_index's top 10 are gdp's
+    assert new.damping_pretrain.notna().all() and new.damping_finetune.isna().all()
+    ms = t[t.method == "ms_if_cosine"].set_index(key)
+    msi = t[t.method == "ms_if_index"].set_index(key)
+    assert np.abs(msi.score - ms.score.reindex(msi.index)).max() < 2e-3 * np.abs(ms.score).max()  # still cosine
+    assert not any(score_problems(layout).values())

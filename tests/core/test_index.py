@@ -65,6 +65,28 @@ def test_unprojected_index_is_exact_ms_if(arch, whiten):
     assert rel_err(norms.self_influence if whiten else norms.grad_sq, want_sq) < 1e-8
 
 
+@pytest.mark.parametrize("arch, whiten", [("gpt_neox", True), ("gpt_neox", False), ("llama", True)])
+def test_unprojected_index_answers_gdp_exactly(arch, whiten):
+    """The same document vectors with the GDP query vectors (Π W⁻¹ ∇m, no fine-tune factors) give the
+    gradient dot product ∇m(x; θ_ft)ᵀ ∇ℓ(z; θ_pt), summed explicitly over the analysed modules (float64);
+    projected, the plain (rotated, balanced) index estimates it; the whitened one's GDP vectors carry
+    (Λ + λ)^(+1/2) against the documents' (Λ + λ)^(-1/2), so its projection error is larger (bench/index_quality.py
+    --gdp measures it)."""
+    w = world(arch)
+    gm, gz = w.stack(w.grad_m), w.stack(w.grad_pt)
+    want = sum(torch.einsum("npd,qpd->nq", gz[n].double(), gm[n].double()) for n in w.names).numpy()
+    grads = measurement_gradients(w.ft, w.specs, w.queries, batch_size=2, pad_id=PAD)
+    for proj, tol in ((Projection(w.specs, None), 1e-7),) + (((Projection(w.specs, 4096, seed=3), 0.35),)
+                                                              if not whiten else ()):
+        psi = query_vectors(grads, w.specs, None, w.pt_f, proj, damping_pt=DAMP_PT, whiten=whiten, method="gdp")
+        phi = document_vectors(w.pt, w.specs, w.docs, w.pt_f, proj, DAMP_PT, whiten, batch_size=3, pad_id=PAD,
+                               out_dtype=torch.float64).vectors
+        scores, _ = index_scores(psi, phi, proj)
+        assert rel_err(scores, want) < tol, (proj.dimensions, rel_err(scores, want))
+    with pytest.raises(ValueError, match="ft_factors"):
+        query_vectors(grads, w.specs, None, w.pt_f, proj)
+
+
 def test_projection_is_seeded_unbiased_and_sized():
     w = world("gpt_neox")
     total = sum(s.out_features * s.d for s in w.specs)

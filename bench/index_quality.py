@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", default="float32", help="storage of the document vectors, comma-separated")
     ap.add_argument("--split", default="whitened,plain", help="splits of P_pt to try, comma-separated")
-    ap.add_argument("--gdp", action="store_true", help="also gdp_index against exact GDP")
+    ap.add_argument("--gdp", action="store_true", help="also gdp_index against exact GDP (float32 rows only)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "index_quality.jsonl"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -1,7 +1,7 @@
 """Re-attribution after a new fine-tuned checkpoint, with and without the influence index (issue 12).
 
 Run:  .venv/bin/python bench/reattribution.py [--world lakehouse/demo] [--dimensions 65536] [--rerank 100]
-          [--variants retriever,index_rerank,index_only]
+          [--variants retriever,index_rerank,index_only] [--copies 1]
 
 For each variant an experiment over the demo world's data and models (the world itself is not rebuilt;
 its fine-tuned checkpoint is copied so that the demo is never touched) runs ``msif run`` twice in a fresh
@@ -14,6 +14,11 @@ deviation). Variants:
 - ``index_rerank``: ``[index] dimensions``, ``candidates = "index"``: each query's top ``--rerank`` per shard by
   the influence index, rescored exactly by ms_if and ms_if_cosine (and bm25, retriever), plus ``ms_if_index``;
 - ``index_only``: the index alone (``ms_if_index``; bm25 and retriever beside it, no exact gradient method).
+
+``--copies N`` scores a corpus of N copies of the demo corpus (copy i's doc_ids end in ``~i``; the true
+sources stay those of copy 0; identical copies tie, so quality is not comparable across N), in N times as
+many shards: what the fixed costs of a run (process start,
+imports, the input checks, Dagster's runs) weigh against a larger corpus.
 
 Per run: wall seconds of ``msif run``, the assets it materialised (units), the exact ms_if pairs scored, and
 the MRR / Recall@10 of every method (attribution_quality). Rows to bench/results/reattribution.jsonl.
@@ -81,8 +86,11 @@ def main() -> None:
     ap.add_argument("--dimensions", type=int, default=65536)
     ap.add_argument("--rerank", type=int, default=100)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--copies", type=int, default=1, help="copies of the demo corpus to score")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "reattribution.jsonl"))
     args = ap.parse_args()
+    if args.copies < 1:
+        raise SystemExit(f"--copies must be >= 1, got {args.copies}")
     world = Path(args.world).resolve()
     if not (world / "models" / "finetuned").exists():
         raise SystemExit(f"{world}: no demo world; run `make demo` first")
@@ -92,6 +100,12 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
         base.mkdir(parents=True)
         shutil.copytree(world / "models" / "finetuned", base / "finetuned")
+        corpus = world / "data" / "corpus.parquet"
+        if args.copies > 1:
+            one = pd.read_parquet(corpus)
+            corpus = base / "corpus.parquet"
+            pd.concat([one] + [one.assign(doc_id=one.doc_id.astype(str) + f"~{i}") for i in range(1, args.copies)],
+                      ignore_index=True).to_parquet(corpus)
         toml = base / "experiment.toml"
         toml.write_text(f"""[lakehouse]
 root = "lakehouse"
@@ -99,7 +113,7 @@ root = "lakehouse"
 pretrained = "{world / 'models' / 'pretrained'}"
 finetuned = "finetuned"
 [data]
-pretraining_corpus = "{world / 'data' / 'corpus.parquet'}"
+pretraining_corpus = "{corpus}"
 finetuning_data = "{world / 'data' / 'finetune.jsonl'}"
 queries = "{world / 'data' / 'queries.jsonl'}"
 shard_size = 1000
@@ -123,6 +137,7 @@ candidates = {cands}
                   "index_partitions_built": sum(u.startswith("influence_index") for u in units),
                   "materialised": sorted({u.split("[")[0] for u in units}),
                   "exact_ms_if_pairs": int((scores.method == "ms_if").sum()),
+                  "copies": args.copies, "documents": int(pd.read_parquet(corpus, columns=["doc_id"]).shape[0]),
                   "dimensions": args.dimensions if index else 0, "rerank": args.rerank if cands == '"index"' else None,
                   "quality": {r.method: {"mrr": round(float(r.mrr), 4), "recall_at_10": round(float(r.recall_at_k), 4)}
                               for r in quality.itertuples()}}, args.out)

@@ -49,7 +49,7 @@ Example (every key but the paths shows its default)::
     dimensions = 0                  # numbers per index vector; 0: no index
     whiten = true                   # (Λ+λ)^(-1/2) on both sides; false: all of P_pt on the query side
     seed = 0                        # of the random projection
-    cosine = true                   # rank by <psi, phi> / |phi| (false: the plain product)
+    cosine = true                   # rank ms_if_index by <psi, phi> / |phi| (false: the plain product)
     dtype = "float16"               # unit rows + their norms (half the bytes, same ranking); or "float32"
     gdp = false                     # also gdp_index: gradient dot product from the same index
     keep = 100                      # documents per query and shard kept as method ms_if_index (and gdp_index)
@@ -319,7 +319,8 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
     methods = get("scores", "methods")
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
-        hint = " (ms_if_index is added by [index] dimensions > 0, not listed here)" if "ms_if_index" in bad else ""
+        hint = (" (ms_if_index is added by [index] dimensions > 0, gdp_index by [index] gdp = true; not listed "
+                "here)" if {"ms_if_index", "gdp_index"} & set(bad) else "")
         errors.append(f"[scores] methods: unknown {bad} (known: {list(ALL_METHODS)}){hint}")
     if not methods:
         errors.append("[scores] methods must name at least one method")
@@ -340,6 +341,9 @@ def parse_config(raw: dict[str, Any], base_dir: Path, source: Path | None = None
         errors.append(f"[scores] candidates must be a positive integer, \"all\" or \"index\", got {cand!r}")
     if cand == "index" and not get("index", "dimensions"):
         errors.append('[scores] candidates = "index" needs the influence index: set [index] dimensions > 0')
+    if get("index", "gdp") is True and not get("index", "dimensions"):
+        errors.append("[index] gdp = true scores GDP from the influence index: set [index] dimensions > 0 too (or "
+                      "list gdp in [scores] methods for the exact gradient dot product)")
     damping = {}
     for key in ("damping_pretrain", "damping_finetune"):
         try:

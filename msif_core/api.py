@@ -157,8 +157,9 @@ def attribute(pretrained: str | Path, finetuned: str | Path, documents: Sequence
                      if m in registry.MIXED or m in registry.DERIVED or m in registry.INDEX_METHODS]
     if pipeline_only:  # refused before any model is loaded
         raise ValueError(f"methods: {pipeline_only} are computed by the pipeline from other methods' rows or from "
-                         "the influence index (mixed rankings, normalised scores, ms_if_index); attribute() scores "
-                         "the plain methods only. Fix: leave them out of methods, or run the pipeline (msif run)")
+                         "the influence index (mixed rankings, normalised scores, ms_if_index, gdp_index); "
+                         "attribute() scores the plain methods only. Fix: leave them out of methods, or run the "
+                         "pipeline (msif run)")
     need_ft = settings.needs_finetune_factors
     for what, given, fix in (("documents", documents, "pass the pre-training documents as (doc_id, text) pairs"),
                              ("queries", queries, "pass (query_id, prompt, completion) triples"),

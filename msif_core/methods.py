@@ -173,8 +173,9 @@ def score(method: str, pt: Stage, ft: Stage, documents: Encoded, *, ihvps: Query
         raise ValueError(f"{method} rescales {DERIVED[method]}'s scores by a per-document norm "
                          f"(msif_core.index.document_norms); score with {DERIVED[method]} and divide")
     if method in INDEX_METHODS:
+        how = "[index] dimensions > 0" + (" and gdp = true" if method == "gdp_index" else "")
         raise ValueError(f"{method} is scored from the influence index (msif_core.index.index_scores); the "
-                         "pipeline adds it when [index] dimensions > 0")
+                         f"pipeline adds it when {how}")
     raise ValueError(f"no scorer for method {method!r}")  # pragma: no cover - every registered method has one
 
 

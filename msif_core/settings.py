@@ -88,8 +88,9 @@ class IndexSettings:
     whiten: bool = setting(True, "split P_pt between both sides, (Λ+λ)^(-1/2) each (true), or keep all of "
                                  "it on the query side (false; the index then does not depend on λ_pt)")
     seed: int = setting(0, "seed of the random projection (documents and queries share it)", minimum=0)
-    cosine: bool = setting(True, "rank by ⟨ψ, φ⟩ / ‖φ‖ (each document's vector to unit length; ranks better "
-                                 "than the plain product at every k measured) instead of ⟨ψ, φ⟩")
+    cosine: bool = setting(True, "rank ms_if_index by ⟨ψ, φ⟩ / ‖φ‖ (each document's vector to unit length; "
+                                 "ranks better than the plain product at every k measured) instead of ⟨ψ, φ⟩ "
+                                 "(gdp_index is always the plain product)")
     dtype: str = setting("float16", "how the index stores its vectors: float16 (each row scaled to unit length, "
                                     "its norm kept in float32: half the bytes of float32, the same ranking as "
                                     "measured), or float32",

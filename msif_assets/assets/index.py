@@ -37,6 +37,12 @@ def _damping_version(cfg, _) -> str:
     return f"damping_pt={cfg.scores.damping_pretrain}" if cfg.index.whiten else "plain"
 
 
+def _query_version(cfg, _) -> str:
+    """The pre-train damping always enters the query vectors (whitened: (Λ+λ)^(-1/2); plain: all of P_pt), and
+    ``[index] gdp`` when on (off leaves the versions of existing lakehouses as they were)."""
+    return f"damping_pt={cfg.scores.damping_pretrain}" + ("; gdp" if cfg.index.gdp else "")
+
+
 def _index_version(cfg, embedder: str) -> str:
     """The damping (whitened only) and the storage dtype."""
     return _damping_version(cfg, embedder) + f"; dtype={cfg.index.dtype}"
@@ -108,11 +114,12 @@ def influence_index(step: Step) -> dg.MaterializeResult:
 
 
 @asset("query_vectors", "queries",
-       "Each query's influence index vector ψ = Π Wᵀ P_ft ∇m(x; θ_ft) (measurement gradients on the fine-tuned "
-       "model, preconditioned by P_ft, whitened and projected like the documents).",
+       lambda cfg, _: "Each query's influence index vector ψ = Π Wᵀ P_ft ∇m(x; θ_ft) (measurement gradients on "
+       "the fine-tuned model, preconditioned by P_ft, whitened and projected like the documents)"
+       + ("; and its GDP vector Π W⁻¹ ∇m (method gdp_index)" if cfg.index.gdp else "") + ".",
        deps=["queries", "finetuned_checkpoint", "pretrain_factors", "finetune_factors"],
-       settings=[*INDEX_SETTINGS, *FACTOR_SETTINGS, "scores.damping_finetune", "index.gdp"],
-       version_extra=_damping_version, kinds=["pytorch", "numpy"], heavy=True, resources=["lakehouse", "device"],
+       settings=[*INDEX_SETTINGS, *FACTOR_SETTINGS, "scores.damping_finetune"],
+       version_extra=_query_version, kinds=["pytorch", "numpy"], heavy=True, resources=["lakehouse", "device"],
        when=_enabled, outputs=lambda lay, k, cfg: [lay.query_vectors_of(m) for m in _query_methods(cfg)]
        + [lay.query_vectors.with_suffix(".json")])
 def query_vectors(step: Step) -> dg.MaterializeResult:
@@ -152,11 +159,14 @@ def query_vectors(step: Step) -> dg.MaterializeResult:
                                     cfg.scores.damping_pretrain, cfg.index.whiten, method=m).astype(np.float32))
         del grads
     layout.query_vectors.with_suffix(".json").unlink(missing_ok=True)  # no ids until every file is complete
+    for m in ("ms_if", "gdp"):
+        if m not in methods:  # an earlier run's vectors of a method now off: never read as current
+            layout.query_vectors_of(m).unlink(missing_ok=True)
     for m in methods:
         buf = io.BytesIO()
         np.save(buf, np.concatenate(parts[m]))
         write_text_atomic(buf.getvalue(), layout.query_vectors_of(m))
-    write_text_atomic(json.dumps({"manifest": manifest, "query_ids": qids}, indent=1),
+    write_text_atomic(json.dumps({"manifest": manifest, "query_ids": qids, "methods": list(methods)}, indent=1),
                       layout.query_vectors.with_suffix(".json"))
     return dg.MaterializeResult(metadata={"queries": len(qids), "dimensions": proj.dimensions,
                                           "seconds": round(t.seconds, 3),
@@ -180,6 +190,9 @@ def read_query_vectors(step: Step, method: str = "ms_if") -> tuple[np.ndarray, l
     except (OSError, ValueError) as e:
         raise CorruptTableError(f"query index vectors {path} (or {meta_path.name}) are missing or "
                                 f"unreadable ({e}). Fix: {fix('query_vectors')}") from e
+    if method not in meta.get("methods", ["ms_if"]):
+        raise CorruptTableError(f"{meta_path} lists no {method} query vectors (methods {meta.get('methods')}): "
+                                f"{path} is left from another run. Fix: {fix('query_vectors')}")
     if psi.shape[0] != len(meta.get("query_ids", [])):
         raise CorruptTableError(f"{path} holds {psi.shape[0]} vectors for "
                                 f"{len(meta.get('query_ids', []))} query ids. Fix: {fix('query_vectors')}")
@@ -244,18 +257,18 @@ def index_rows(step: Step, key: str, specs) -> pd.DataFrame:
     def flat(x: np.ndarray | None) -> np.ndarray | float:
         return np.nan if x is None else x.reshape(-1)
 
+    # plain: the factor that gives the rows as built (float16 unit rows: their stored norms; float32: None)
+    ms_scale = score_scale(phi, plain, step.cfg.index.cosine)
     frames = []
     for method in step.cfg.index.methods:
-        scale = score_scale(phi, plain, step.cfg.index.cosine)  # plain: the rows as built (float16: × norm)
-        if method == "gdp_index":  # the plain product, never divided by a norm
-            psi, qids, found = read_query_vectors(step, "gdp")
-            if found != expected:
-                raise dg.Failure(f"GDP query vectors {step.layout.query_vectors_of('gdp')} were made with another "
-                                 f"index than the ms_if ones. Fix: {fix('query_vectors')}")
+        if method == "ms_if_index":
+            q, ids, scale = psi, qids, ms_scale
+        else:  # gdp_index: the same manifest (one json), the plain product, never divided by a norm
+            q, ids, _ = read_query_vectors(step, "gdp")
             scale = plain
-        pos, _ = search(psi, phi, keep, row_scale=scale)  # [Q, keep]: the rows as scored (cosine: unit rows)
-        scores, parts = pair_scores(psi, phi, pos, proj, row_scale=scale)
-        frames.append(pd.DataFrame({"query_id": np.repeat(np.asarray(qids, dtype=object), keep),
+        pos, _ = search(q, phi, keep, row_scale=scale)  # [Q, keep]: the rows as scored (cosine: unit rows)
+        scores, parts = pair_scores(q, phi, pos, proj, row_scale=scale)
+        frames.append(pd.DataFrame({"query_id": np.repeat(np.asarray(ids, dtype=object), keep),
                                     "doc_id": np.asarray(doc_ids, dtype=object)[pos.reshape(-1)], "method": method,
                                     "score": flat(scores), "mlp_score": flat(parts.get("mlp")),
                                     "mha_score": flat(parts.get("mha"))}))

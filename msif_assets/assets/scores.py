@@ -132,6 +132,8 @@ def score_shard(step: Step, docs: pd.DataFrame, cands: pd.DataFrame, qtab: pd.Da
     damping = {m: registry.damping_columns(m, cfg.scores.damping_pretrain, cfg.scores.damping_finetune)
                for m in (*cfg.scores.methods, *cfg.index.methods)
                if m not in registry.MIXED}
+    if "gdp_index" in damping and not cfg.index.whiten:  # a plain index: λ_pt enters neither side of GDP's
+        damping["gdp_index"] = {"damping_pretrain": None, "damping_finetune": None}
     for col in ("damping_pretrain", "damping_finetune"):
         applies = [m for m, d in damping.items() if d[col] is not None]
         value = damping[applies[0]][col] if applies else None
@@ -190,8 +192,8 @@ def stored_methods_version(cfg) -> str:
 @asset("influence_scores", "scores",
        lambda cfg, _: f"Scores of every candidate document of this shard for every query, methods "
        f"{list(cfg.scores.methods)} (positive = supports the completion; shard_rank 1 = most supporting in the "
-       "shard)" + (f"; ms_if_index: each query's top {cfg.index.keep} by the influence index" if cfg.index.enabled
-                   else "") + ".",
+       "shard)" + (f"; {' and '.join(cfg.index.methods)}: each query's top {cfg.index.keep} by the influence index"
+                   if cfg.index.enabled else "") + ".",
        deps=["candidates", "corpus_shards", "query_ihvps", "pretrained_checkpoint", "finetuned_checkpoint",
              "influence_index", "query_vectors"],
        settings=["factors.max_length", "scores.damping_pretrain", "scores.damping_finetune"],

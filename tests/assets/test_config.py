@@ -101,6 +101,8 @@ query_rank = 4
     ("[scores]\ndamping_finetune = -1.0\n", ["damping_finetune", ">= 0"]),
     ("[scores]\ncandidates = \"some\"\n", ["candidates", "\"all\""]),
     ("[scores]\ncandidates = 0\n", ["candidates", ">= 1"]),
+    ("[index]\ngdp = true\n", ["[index] gdp = true", "dimensions > 0"]),
+    ("[scores]\nmethods = [\"ms_if\", \"gdp_index\"]\n", ["gdp_index", "[index] gdp = true"]),
     ("[factors.module_tags]\n\"a.b\" = \"attention\"\n", ["[factors] module_tags", "\"mlp\" | \"mha\""]),
     ("[factors]\nmodule_tags = [\"a.b\"]\n", ["[factors] module_tags", "a table"]),
     ("[factors.module_tags]\nmodel.layers.0.fc1 = \"mlp\"\n", ["[factors] module_tags", "quote each module name"]),

@@ -110,20 +110,27 @@ def test_mismatched_or_missing_index_is_refused_by_name(world) -> None:
     assert rec.success
 
 
+def _fp16_toml(cfg):
+    """The shared world's experiment with float16 rows and the plain product, beside the first (the same
+    relative paths)."""
+    toml = cfg.source.with_name("experiment_fp16.toml")
+    toml.write_text(cfg.source.read_text().replace('dtype = "float32"', 'dtype = "float16"\ncosine = false'))
+    assert 'dtype = "float16"' in toml.read_text()
+    return toml
+
+
 def test_float16_plain_product_index_rebuilds_the_index_only_and_equals_ms_if(world) -> None:
     """``[index] dtype = "float16"``, ``cosine = false``: unit rows in half precision and their norms; a new
     code version of the index partitions (and of what reads them), never of the corpus or the query side;
-    unprojected, the plain products equal exact MS-IF to half precision. Last in this module: it changes the
-    shared world's index."""
+    unprojected, the plain products equal exact MS-IF to half precision. After the tests that need the shared
+    world's float32 index: it changes it."""
     import lancedb
     import pyarrow as pa
 
     root, cfg, pipe = world
     layout = Layout(cfg.root)
     before = pd.read_parquet(layout.scores(SHARDS[0]))
-    toml = cfg.source.with_name("experiment_fp16.toml")  # beside the first: the same relative paths
-    toml.write_text(cfg.source.read_text().replace('dtype = "float32"', 'dtype = "float16"\ncosine = false'))
-    assert 'dtype = "float16"' in toml.read_text()
+    toml = _fp16_toml(cfg)
     _, cfg16, pipe16 = make_pipeline(toml, instance=pipe.instance)
     mark = latest_storage_id(pipe.instance)
     res = pipe16.update()
@@ -147,23 +154,29 @@ def test_float16_plain_product_index_rebuilds_the_index_only_and_equals_ms_if(wo
 
 def test_gdp_from_the_same_index_rebuilds_no_index_partition_and_equals_gdp(world) -> None:
     """``[index] gdp = true`` adds method ``gdp_index`` from the same document vectors: only the query side
-    (``query_vectors``) and the scores are recomputed, never an index partition; unprojected it equals exact
-    ``gdp`` (the plain product even with ``[index] cosine``, which ``ms_if_index`` still uses). After the
-    float16 test: the index holds float16 unit rows."""
+    and the scores are recomputed, never an index partition or anything of the corpus or the factors;
+    unprojected it equals exact ``gdp`` (the plain product even with ``[index] cosine``, which
+    ``ms_if_index`` still uses), through float16 rows. Starts from the float16 experiment (brought up to date
+    first, so this test also runs alone); ``gdp`` joins ``[scores] methods`` to compare with."""
     root, cfg, pipe = world
     layout = Layout(cfg.root)
-    src = cfg.source.with_name("experiment_fp16.toml").read_text()
+    toml16 = _fp16_toml(cfg)
+    _, _, pipe16 = make_pipeline(toml16, instance=pipe.instance)
+    assert not pipe16.update().failures  # nothing to do after the float16 test
     toml = cfg.source.with_name("experiment_gdp.toml")
-    toml.write_text(src.replace("cosine = false", "gdp = true").replace('"ms_if",', '"ms_if", "gdp",', 1))
+    toml.write_text(toml16.read_text().replace("cosine = false", "gdp = true")
+                    .replace('"ms_if",', '"ms_if", "gdp",', 1))
     assert "gdp = true" in toml.read_text() and '"gdp"' in toml.read_text()
     _, cfg_gdp, pipe_gdp = make_pipeline(toml, instance=pipe.instance)
     mark = latest_storage_id(pipe.instance)
     res = pipe_gdp.update()
     assert not res.failures, res.failures
     done = {a for a, _ in materializations_since(pipe.instance, mark)}
-    assert {"query_vectors", "influence_scores"} <= done
-    assert not done & {"influence_index", "corpus_shards", "pretrain_factors", "finetune_factors"}
-    assert layout.query_vectors_of("gdp").exists()
+    # query_ihvps: gdp joined [scores] methods; candidates: they are the index's top documents (rescored)
+    assert done - {"query_ihvps", "candidates", "score_tables", "attribution_quality",
+                   "attribution_report"} == {"query_vectors", "influence_scores"}
+    meta = json.loads(layout.query_vectors.with_suffix(".json").read_text())
+    assert meta["methods"] == ["ms_if", "gdp"] and layout.query_vectors_of("gdp").exists()
     t = pd.read_parquet(layout.scores(SHARDS[0]))
     key = ["query_id", "doc_id"]
     new = t[t.method == "gdp_index"].set_index(key)
@@ -171,8 +184,19 @@ def test_gdp_from_the_same_index_rebuilds_no_index_partition_and_equals_gdp(worl
     assert len(new) == 6 * 10 and exact.score.notna().all()
     assert np.abs(new.score - exact.score).max() < 2e-3 * np.abs(exact.score).max()  # float16 rows
     assert (exact.shard_rank <= 11).mean() > 0.95  # gdp_index's top 10 are gdp's
-    assert new.damping_pretrain.notna().all() and new.damping_finetune.isna().all()
+    assert new.damping_pretrain.notna().all() and new.damping_finetune.isna().all()  # whitened: λ_pt enters
     ms = t[t.method == "ms_if_cosine"].set_index(key)
     msi = t[t.method == "ms_if_index"].set_index(key)
     assert np.abs(msi.score - ms.score.reindex(msi.index)).max() < 2e-3 * np.abs(ms.score).max()  # still cosine
     assert not any(score_problems(layout).values())
+    # gdp off again: its vectors are removed, and stale ones are refused by name, never scored
+    _, _, pipe16 = make_pipeline(toml16, instance=pipe.instance)
+    assert not pipe16.update().failures
+    assert not layout.query_vectors_of("gdp").exists()
+    assert "gdp_index" not in set(pd.read_parquet(layout.scores(SHARDS[0])).method)
+    np.save(layout.query_vectors_of("gdp"), np.zeros((6, 3), dtype=np.float32))  # left from another run
+    try:
+        (rec,) = pipe_gdp.execute([(dg.AssetKey("influence_scores"), SHARDS[0])])
+        assert not rec.success and "lists no gdp query vectors" in rec.error and "query_vectors" in rec.error
+    finally:
+        layout.query_vectors_of("gdp").unlink()

@@ -17,7 +17,14 @@ import dagster as dg
 import numpy as np
 import pandas as pd
 import pytest
-from helpers.pipeline import build_world, latest_storage_id, make_pipeline, materializations_since, perturb_checkpoint
+from helpers.pipeline import (
+    build_world,
+    corpus_rows,
+    latest_storage_id,
+    make_pipeline,
+    materializations_since,
+    perturb_checkpoint,
+)
 
 from msif_assets.checks import score_problems
 from msif_assets.layout import Layout
@@ -89,6 +96,26 @@ def test_new_finetuned_checkpoint_rebuilds_no_index_partition(world) -> None:
     done = {a for a, _ in materializations_since(pipe.instance, mark)}
     assert {"query_vectors", "candidates", "influence_scores"} <= done  # the index's top documents, rescored
     assert not done & {"influence_index", "corpus_shards", "corpus_embeddings", "pretrain_factors"}
+
+
+def test_new_corpus_shard_builds_its_index_partition_and_search_only(world) -> None:
+    """A new shard of the corpus: its documents, embeddings, index partition, candidates (its index search)
+    and scores, and the tables over all shards; no other shard's partition, no factors, no query side."""
+    root, cfg, pipe = world
+    mark = latest_storage_id(pipe.instance)
+    pd.DataFrame(corpus_rows(40)).to_parquet(root / "data" / "corpus.parquet", index=False)  # 32 → 40: a third shard
+    sync = pipe.sync()
+    assert sync.added_shards == ["shard_00002"] and not sync.fit_reset
+    res = pipe.update()
+    assert not res.failures, res.failures
+    done = materializations_since(pipe.instance, mark)
+    new = "shard_00002"
+    assert done == {(a, new) for a in ("corpus_shards", "corpus_embeddings", "influence_index", "candidates",
+                                       "influence_scores")} \
+        | {("score_tables", None), ("attribution_report", None), ("attribution_quality", None)}
+    t = pd.read_parquet(Layout(cfg.root).scores(new))
+    assert len(t[t.method == "ms_if_index"]) == 6 * 8  # its 8 documents: fewer than keep = 10
+    assert pipe.update().runs == []
 
 
 def test_mismatched_or_missing_index_is_refused_by_name(world) -> None:

@@ -174,8 +174,9 @@ def query_vectors(step: Step) -> dg.MaterializeResult:
 
 
 def _query_methods(cfg) -> tuple[str, ...]:
-    """The methods whose query vectors ``query_vectors`` writes: ms_if, and gdp with ``[index] gdp``."""
-    return ("ms_if", "gdp") if cfg.index.gdp else ("ms_if",)
+    """The methods whose query vectors ``query_vectors`` writes, one per index method (ms_if_index → ms_if, and
+    gdp_index → gdp with ``[index] gdp``)."""
+    return tuple(m.removesuffix("_index") for m in cfg.index.methods)
 
 
 def read_query_vectors(step: Step, method: str = "ms_if") -> tuple[np.ndarray, list[str], dict]:
